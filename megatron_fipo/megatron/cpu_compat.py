@@ -50,7 +50,8 @@ def _is_cuda_device(device: object) -> bool:
         return device.type == "cuda"
     if isinstance(device, str):
         return device.startswith("cuda")
-    return False
+    # A bare index is what the patched torch.cuda.current_device() hands out.
+    return isinstance(device, int) and not isinstance(device, bool)
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -67,7 +68,7 @@ class CudaToCpuMode(TorchFunctionMode):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to:
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+            args = args[:1] + tuple("cpu" if _is_cuda_device(a) else a for a in args[1:])
         return func(*args, **kwargs)
 
 

@@ -1,0 +1,240 @@
+"""Embedded HF-transformers rollout engine (the CPU default).
+
+A transformers causal LM of the actor's architecture, driven by our own decode loop with a KV cache
+so that every sampled token's log-prob is exact. Log-prob convention (the one SGLang returns and
+verl/slime expect): `log_softmax(logits / temperature)` at the sampled token, computed in fp32
+*before* top-k / top-p truncation; with temperature 0 (greedy) the log-prob is `log_softmax(logits)`.
+
+Batching uses left padding: prompts are right-aligned, the attention mask zeroes the pads and
+position ids count real tokens only, so a prompt's tokens and log-probs do not depend on which
+batch it came in (up to float rounding). Each request samples from its own generator, seeded from
+its `seed` (or from the engine's seeded stream), so seeded requests are reproducible in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from megatron_fipo.rollout.engine import (
+    EngineHealth,
+    GenerationRequest,
+    GenerationSample,
+    RolloutEngine,
+    SamplingParams,
+    validate_requests,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True, slots=True)
+class HFEngineConfig:
+    """Settings of the embedded engine."""
+
+    model_path: str = ""
+    """HF model directory to load; empty means build from the config passed to the engine."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    device: str = "cpu"
+    max_batch_size: int = 64
+    """Requests decoded together; larger request lists are split into chunks of this size."""
+    attn_implementation: str = "eager"
+    """transformers attention kernel; eager is exact with left padding on every backend."""
+    seed: int = 0
+    """Seeds the stream that gives requests without their own seed a seed."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+
+
+def build_hf_model(
+    config: HFEngineConfig, hf_config: PretrainedConfig | dict | None = None
+) -> PreTrainedModel:
+    """Load `config.model_path`, or build a randomly initialised model from `hf_config`."""
+    dtype = _DTYPES[config.dtype]
+    if config.model_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_path, dtype=dtype, attn_implementation=config.attn_implementation
+        )
+    elif hf_config is not None:
+        if isinstance(hf_config, dict):
+            hf_config = AutoConfig.for_model(**hf_config)
+        hf_config._attn_implementation = config.attn_implementation
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    else:
+        raise ValueError("HFEngineConfig.model_path is empty and no hf_config was given")
+    return model.to(config.device).eval()
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[int, float]:
+    """Sample one token from `logits` [V] (fp32); returns (token id, log-prob of it).
+
+    The log-prob is taken under the temperature-scaled distribution before truncation.
+    """
+    if params.greedy:
+        token = int(torch.argmax(logits))
+        return token, float(torch.log_softmax(logits, dim=-1)[token])
+    log_probs = torch.log_softmax(logits / params.temperature, dim=-1)
+    kept = log_probs.clone()
+    if params.top_k > 0 and params.top_k < kept.numel():
+        kth_value = torch.topk(kept, params.top_k).values[-1]
+        kept[kept < kth_value] = float("-inf")
+    if params.top_p < 1.0:
+        sorted_values, order = torch.sort(kept, descending=True)
+        cumulative = torch.cumsum(torch.softmax(sorted_values, dim=-1), dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first is always kept).
+        drop_sorted = (cumulative - torch.softmax(sorted_values, dim=-1)) >= params.top_p
+        kept[order[drop_sorted]] = float("-inf")
+    probs = torch.softmax(kept, dim=-1).cpu()
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(log_probs[token])
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Batched KV-cache generation with a transformers model; weights set by `update_weights`."""
+
+    def __init__(
+        self,
+        config: HFEngineConfig | None = None,
+        *,
+        hf_config: PretrainedConfig | dict | None = None,
+        model: PreTrainedModel | None = None,
+    ) -> None:
+        self.config = config or HFEngineConfig()
+        self.model = model.eval() if model is not None else build_hf_model(self.config, hf_config)
+        self.device = next(self.model.parameters()).device
+        self._version = -1
+        self._paused = False
+        self._seed_stream = torch.Generator().manual_seed(self.config.seed)
+        # Tied embeddings appear under both names in state_dict; both may be sent.
+        self._tensors_by_name = dict(self.model.state_dict(keep_vars=True))
+
+    @property
+    def weights_version(self) -> int:
+        return self._version
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationSample]:
+        if self._paused:
+            raise RuntimeError("HFRolloutEngine.generate called while paused; call resume() first")
+        validate_requests(requests)
+        samples: list[GenerationSample] = []
+        size = self.config.max_batch_size
+        for start in range(0, len(requests), size):
+            samples.extend(self._generate_batch(list(requests[start : start + size])))
+        return samples
+
+    def _request_generator(self, request: GenerationRequest) -> torch.Generator:
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_stream))
+        return torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationSample]:
+        """Decode one batch of B requests to completion with a shared KV cache."""
+        input_ids, attention_mask = left_pad([r.prompt_token_ids for r in requests], self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [self._request_generator(r) for r in requests]
+        tokens: list[list[int]] = [[] for _ in requests]
+        log_probs: list[list[float]] = [[] for _ in requests]
+        finish: list[str | None] = [None for _ in requests]
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        while True:
+            step_logits = output.logits[:, -1, :].float()
+            next_ids = torch.zeros(len(requests), 1, dtype=torch.long, device=self.device)
+            for row, request in enumerate(requests):
+                if finish[row] is not None:
+                    continue  # finished rows keep a slot (fed token 0) but are not sampled
+                token, logp = sample_token(step_logits[row], request.sampling, generators[row])
+                tokens[row].append(token)
+                log_probs[row].append(logp)
+                next_ids[row, 0] = token
+                if token in request.sampling.stop_token_ids:
+                    finish[row] = "stop"
+                elif len(tokens[row]) >= request.sampling.max_new_tokens:
+                    finish[row] = "length"
+            if all(reason is not None for reason in finish):
+                break
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(len(requests), 1)], 1
+            )
+            position_ids = position_ids[:, -1:] + 1
+            output = self.model(
+                input_ids=next_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=output.cache,
+                use_cache=True,
+            )
+        return [
+            GenerationSample(
+                request_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                response_token_ids=tokens[row],
+                log_probs=log_probs[row],
+                finish_reason=finish[row],
+                weights_version=self._version,
+            )
+            for row, request in enumerate(requests)
+        ]
+
+    @torch.no_grad()
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Copy each HF-named tensor into the parameter (or buffer) of that name.
+
+        Raises ValueError naming an unknown or mis-shaped tensor; tensors before it are loaded.
+        """
+        for name, tensor in named_tensors:
+            target = self._tensors_by_name.get(name)
+            if target is None:
+                raise ValueError(f"update_weights: unknown tensor name {name!r}")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"update_weights: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+            target.data.copy_(tensor)
+        self._version = int(version)
+
+    def pause(self) -> None:
+        """Free device memory: on an accelerator the weights move to host memory."""
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._paused = True
+
+    def resume(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        self._paused = False
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(healthy=True, paused=self._paused, weights_version=self._version)
+
+
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align prompts: returns input ids and attention mask, both [B, max P] (pads are 0)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)

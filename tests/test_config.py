@@ -1,0 +1,430 @@
+"""Config system: shipped recipes, overrides, key/type errors, cross-field rules, round trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_fipo.config import (
+    AlgorithmConfig,
+    ConfigError,
+    FipoConfig,
+    ParallelismConfig,
+    load_config,
+    save_config,
+    to_dict,
+    to_yaml,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = CONFIGS / "tiny-cpu.yaml"
+BIG = CONFIGS / "qwen2.5-32b-fipo.yaml"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_the_named_recipes_are_shipped():
+    names = {path.name for path in SHIPPED}
+    expected = {
+        "qwen2.5-32b-fipo.yaml",
+        "qwen2.5-32b-dapo.yaml",
+        "qwen2.5-7b-fipo.yaml",
+        "tiny-cpu.yaml",
+    }
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_every_shipped_config_loads_validates_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    assert config.validate_layout() >= 1
+    saved = tmp_path / "resolved.yaml"
+    save_config(config, saved)
+    again = load_config(saved)
+    assert again == config
+    assert to_dict(again) == to_dict(config)
+
+
+def test_32b_recipe_has_every_number_of_the_spec():
+    config = load_config(BIG)
+    algo, rollout, data, opt = config.algorithm, config.rollout, config.data, config.optimizer
+    assert (algo.mode, algo.clip_ratio_low, algo.clip_ratio_high, algo.clip_ratio_c) == (
+        "fipo",
+        0.2,
+        0.28,
+        10.0,
+    )
+    assert (algo.decay_rate, algo.fipo_clip_ratio, algo.fipo_clip_high_only) == (32, 0.2, True)
+    assert algo.safety_thresh == 10.0 and algo.entropy_coeff == 0 and not algo.use_kl_loss
+    assert (
+        algo.overlong_buffer.enable,
+        algo.overlong_buffer.len,
+        algo.overlong_buffer.penalty_factor,
+    ) == (True, 4096, 1.0)
+    assert algo.dynamic_sampling.enable and algo.dynamic_sampling.max_num_gen_batches == 10
+    assert (data.train_batch_size, data.ppo_mini_batch_size, algo.ppo_epochs) == (512, 64, 1)
+    assert (rollout.n_samples_per_prompt, rollout.temperature, rollout.top_p) == (16, 1.0, 1.0)
+    assert (rollout.max_prompt_length, rollout.max_response_length) == (2048, 20480)
+    assert (opt.lr, opt.lr_warmup_steps, opt.weight_decay, opt.clip_grad) == (1e-6, 10, 0.1, 1.0)
+    assert (config.trainer.nnodes, config.trainer.gpus_per_node) == (16, 8)
+    assert (rollout.eval_sampling.n_samples_per_prompt, rollout.eval_sampling.top_p) == (32, 0.7)
+    assert config.parallelism.sequence_parallel and config.parallelism.use_distributed_optimizer
+    assert config.model.dtype == "bfloat16"
+    assert abs(algo.gamma**32 - 0.5) < 1e-12
+
+
+def test_dapo_baseline_differs_from_fipo_only_in_mode_and_names():
+    fipo = to_dict(load_config(BIG))
+    dapo = to_dict(load_config(CONFIGS / "qwen2.5-32b-dapo.yaml"))
+    assert dapo["algorithm"]["mode"] == "dapo"
+    for tree in (fipo, dapo):
+        del (
+            tree["algorithm"]["mode"],
+            tree["trainer"]["output_dir"],
+            tree["logging"]["experiment_name"],
+        )
+    assert fipo == dapo
+
+
+def test_overrides_nested_list_bool_none_float_and_string():
+    config = load_config(
+        TINY,
+        [
+            "algorithm.overlong_buffer.len=8",
+            "data.train_files=[a.parquet, b.jsonl]",
+            "algorithm.fipo_clip_high_only=false",
+            "trainer.save_freq=null",
+            "trainer.eval_freq=None",
+            "optimizer.lr=3e-5",
+            "logging.experiment_name=2024",
+            "model.tokenizer_path=",
+            "algorithm.mode=dapo",
+        ],
+    )
+    assert config.algorithm.overlong_buffer.len == 8
+    assert config.data.train_files == ["a.parquet", "b.jsonl"]
+    assert config.algorithm.fipo_clip_high_only is False
+    assert config.trainer.save_freq is None and config.trainer.eval_freq is None
+    assert config.optimizer.lr == 3e-5 and isinstance(config.optimizer.lr, float)
+    assert config.logging.experiment_name == "2024"
+    assert config.model.tokenizer_path is None
+    assert config.algorithm.mode == "dapo"
+
+
+def test_override_builds_a_section_that_is_null_in_the_file(tmp_path):
+    path = tmp_path / "no-arch.yaml"
+    path.write_text(
+        BIG.read_text().replace("  architecture:\n", "  architecture: null\n  _drop:\n")
+    )
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\._drop'"):
+        load_config(path)
+    arch = ["vocab_size=1000", "hidden_size=64", "intermediate_size=128", "num_hidden_layers=2"]
+    arch += ["num_attention_heads=8", "num_key_value_heads=8", "max_position_embeddings=32768"]
+    config = load_config(
+        TINY, ["model.architecture=null"] + [f"model.architecture.{a}" for a in arch]
+    )
+    assert config.model.architecture.vocab_size == 1000
+    assert config.model.architecture.rope_theta == 1000000.0  # default, not tiny-cpu's 10000
+    merged = load_config(TINY, ["model.architecture={hidden_size: 256, num_attention_heads: 8}"])
+    assert (
+        merged.model.architecture.hidden_size == 256 and merged.model.architecture.vocab_size == 512
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        (
+            "algorithm.clip_ratio_hihg=0.3",
+            r"'algorithm\.clip_ratio_hihg'.*did you mean 'algorithm\.clip_ratio_high'",
+        ),
+        ("lr=1e-5", r"unknown config key 'lr'.*did you mean 'optimizer\.lr'"),
+        ("algoritm.mode=dapo", r"'algoritm'.*did you mean 'algorithm'"),
+        ("algorithm.mode.x=1", r"algorithm\.mode is a single value"),
+        (
+            "algorithm.overlong_buffer.length=8",
+            r"'algorithm\.overlong_buffer\.length'.*'algorithm\.overlong_buffer\.len'",
+        ),
+        ("no_equals_sign", r"must look like key\.sub=value"),
+    ],
+)
+def test_unknown_override_key_is_named(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(TINY, [override])
+
+
+def test_unknown_key_in_the_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY.read_text().replace("  decay_rate: 32\n", "  decay_rat: 32\n"))
+    with pytest.raises(
+        ConfigError,
+        match=r"bad\.yaml.*'algorithm\.decay_rat'.*did you mean 'algorithm\.decay_rate'",
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("algorithm.clip_ratio_c=abc", r"algorithm\.clip_ratio_c must be a float, got 'abc'"),
+        (
+            "algorithm.overlong_buffer.len=4.5",
+            r"algorithm\.overlong_buffer\.len must be an int, got 4\.5",
+        ),
+        (
+            "algorithm.overlong_buffer.len=true",
+            r"algorithm\.overlong_buffer\.len must be an int, got True",
+        ),
+        ("trainer.eval_before_train=1", r"trainer\.eval_before_train must be a bool.*got 1"),
+        ("algorithm.mode=ppo", r"algorithm\.mode must be one of 'grpo', 'dapo', 'fipo', got 'ppo'"),
+        ("data.train_files=a.parquet", r"data\.train_files must be a list"),
+        ("data.train_files=[a.parquet, 3]", r"data\.train_files\[1\] must be a string, got 3"),
+        ("trainer.output_dir=null", r"trainer\.output_dir must be a string, got None"),
+        ("model.architecture=[1, 2]", r"model\.architecture must be a mapping"),
+        ("optimizer.lr=inf", r"optimizer\.lr must be a float, got 'inf'"),
+        ("data.train_files=[a, b", r"override data\.train_files: cannot parse"),
+    ],
+)
+def test_type_errors_name_field_and_value(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(TINY, [override])
+
+
+def test_missing_required_fields_are_named(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: {architecture: {vocab_size: 10}}\ndata: {train_files: [a]}\n")
+    with pytest.raises(ConfigError, match=r"model\.architecture\.hidden_size is required"):
+        load_config(path)
+    path.write_text("data: {train_files: [a]}\n")
+    with pytest.raises(ConfigError, match=r"^.*: model is required"):
+        load_config(path)
+
+
+# Each rule, broken from a config that is valid otherwise; the message must name the field.
+RULES = [
+    (TINY, ["algorithm.clip_ratio_low=0"], r"algorithm\.clip_ratio_low must be > 0 and < 1, got 0"),
+    (TINY, ["algorithm.clip_ratio_high=-0.1"], r"algorithm\.clip_ratio_high must be > 0"),
+    (TINY, ["algorithm.clip_ratio_c=1.0"], r"algorithm\.clip_ratio_c must be > 1, got 1\.0"),
+    (TINY, ["algorithm.decay_rate=0"], r"algorithm\.decay_rate must be > 0"),
+    (TINY, ["algorithm.fipo_clip_ratio=-0.1"], r"algorithm\.fipo_clip_ratio must be >= 0"),
+    (
+        TINY,
+        ["algorithm.fipo_clip_ratio=1.5", "algorithm.fipo_clip_high_only=false"],
+        r"algorithm\.fipo_clip_ratio must be < 1",
+    ),
+    (TINY, ["algorithm.safety_thresh=0"], r"algorithm\.safety_thresh must be > 0"),
+    (TINY, ["algorithm.adv_epsilon=0"], r"algorithm\.adv_epsilon must be > 0"),
+    (TINY, ["algorithm.use_kl_loss=true"], r"algorithm\.use_kl_loss"),
+    (
+        TINY,
+        ["algorithm.dynamic_sampling.max_num_gen_batches=0"],
+        r"algorithm\.dynamic_sampling\.max_num_gen_batches must be >= 1",
+    ),
+    (
+        TINY,
+        ["algorithm.overlong_buffer.len=64"],
+        r"algorithm\.overlong_buffer\.len \(64\) must be below rollout\.max_response_length",
+    ),
+    (
+        TINY,
+        ["data.ppo_mini_batch_size=5"],
+        r"data\.train_batch_size \(16\) must be divisible by data\.ppo_mini_batch_size \(5\)",
+    ),
+    (TINY, ["data.train_files=[]"], r"data\.train_files must list at least one file"),
+    (TINY, ["rollout.n_samples_per_prompt=1"], r"rollout\.n_samples_per_prompt must be >= 2"),
+    (TINY, ["rollout.top_p=0"], r"rollout\.top_p must be > 0 and <= 1"),
+    (TINY, ["rollout.temperature=0"], r"rollout\.temperature must be > 0"),
+    (
+        TINY,
+        ["rollout.eval_sampling.temperature=-1"],
+        r"rollout\.eval_sampling\.temperature must be >= 0",
+    ),
+    (
+        TINY,
+        ["rollout.colocate=false"],
+        r"rollout\.num_gpus must be set exactly when rollout\.colocate=false",
+    ),
+    (
+        TINY,
+        ["rollout.engine=sglang"],
+        r"rollout\.engine must be 'hf' when trainer\.gpus_per_node is 0",
+    ),
+    (
+        TINY,
+        ["model.transformer_impl=transformer_engine"],
+        r"model\.transformer_impl must be 'local'",
+    ),
+    (TINY, ["trainer.distributed_backend=nccl"], r"trainer\.distributed_backend must be 'gloo'"),
+    (
+        TINY,
+        ["parallelism.sequence_parallel=true"],
+        r"parallelism\.sequence_parallel=true needs tensor_model_parallel_size > 1",
+    ),
+    (
+        TINY,
+        ["parallelism.virtual_pipeline_model_parallel_size=2"],
+        r"virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1",
+    ),
+    (
+        TINY,
+        ["parallelism.max_tokens_per_micro_batch=100"],
+        r"parallelism\.max_tokens_per_micro_batch \(100\) must hold one full sequence",
+    ),
+    (
+        TINY,
+        ["model.architecture.max_position_embeddings=100"],
+        r"model\.architecture\.max_position_embeddings \(100\) must cover",
+    ),
+    (
+        TINY,
+        ["model.architecture.num_key_value_heads=3"],
+        r"model\.architecture\.num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)",
+    ),
+    (
+        TINY,
+        ["model.architecture.hidden_size=130"],
+        r"model\.architecture\.hidden_size \(130\) must be divisible",
+    ),
+    (TINY, ["model.architecture=null"], r"model\.hf_model_path or model\.architecture must be set"),
+    (TINY, ["optimizer.min_lr=1.0"], r"optimizer\.min_lr \(1\.0\) must be <= optimizer\.lr"),
+    (TINY, ["optimizer.adam_beta2=1.0"], r"optimizer\.adam_beta2 must be >= 0 and < 1"),
+    (
+        TINY,
+        ["reward.function=mymodule.score"],
+        r"reward\.function must look like 'package\.module:function'",
+    ),
+    (
+        TINY,
+        ["data.eval_files=[]"],
+        r"data\.eval_files is empty but trainer\.eval_freq=5 and trainer\.eval_before_train=true",
+    ),
+    (
+        BIG,
+        ["model.fp8=e4m3", "model.dtype=float16"],
+        r"model\.fp8='e4m3' needs .*model\.dtype='bfloat16'",
+    ),
+    (BIG, ["model.fp8_param=true"], r"model\.fp8_param=true needs model\.fp8"),
+    (
+        BIG,
+        ["model.recompute_granularity=selective"],
+        r"model\.recompute_method='uniform' needs recompute_granularity='full'",
+    ),
+    (
+        BIG,
+        ["rollout.max_prompt_length=2050"],
+        r"must be divisible by 2 \* parallelism\.context_parallel_size \* tensor_model_parallel_size \(32\)",
+    ),
+    (
+        BIG,
+        ["rollout.engine_tensor_parallel_size=3"],
+        r"trainer\.gpus_per_node \(8\) must be divisible by rollout\.engine_tensor_parallel_size \(3\)",
+    ),
+    (
+        BIG,
+        ["rollout.colocate=false", "rollout.num_gpus=128"],
+        r"rollout\.num_gpus \(128\) must leave training GPUs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "overrides", "pattern"),
+    RULES,
+    ids=lambda v: str(v)[:60] if isinstance(v, list) else "",
+)
+def test_cross_field_rule_names_the_field(base, overrides, pattern):
+    load_config(base)  # the base is valid: the error below comes from the override
+    with pytest.raises(ValueError, match=pattern):
+        load_config(base, overrides)
+
+
+LAYOUT_RULES = [
+    (
+        ["parallelism.tensor_model_parallel_size=8"],
+        8,
+        r"model\.architecture\.num_attention_heads \(4\) must be divisible by parallelism\.tensor_model_parallel_size \(8\)",
+    ),
+    (
+        ["parallelism.tensor_model_parallel_size=4"],
+        4,
+        r"model\.architecture\.num_key_value_heads \(2\) must be divisible by parallelism\.tensor_model_parallel_size \(4\)",
+    ),
+    (
+        ["parallelism.pipeline_model_parallel_size=3"],
+        3,
+        r"model\.architecture\.num_hidden_layers \(4\) must be divisible by parallelism\.pipeline_model_parallel_size",
+    ),
+    (
+        [
+            "parallelism.pipeline_model_parallel_size=2",
+            "parallelism.virtual_pipeline_model_parallel_size=4",
+        ],
+        2,
+        r"num_hidden_layers \(4\) must be divisible .* \(8\)",
+    ),
+    (
+        ["parallelism.context_parallel_size=2"],
+        3,
+        r"world size 3 must be divisible by parallelism\.tensor_model_parallel_size \* pipeline_model_parallel_size \* context_parallel_size = 1\*1\*2",
+    ),
+    (
+        [],
+        3,
+        r"data\.ppo_mini_batch_size \* rollout\.n_samples_per_prompt \(32 sequences\) must be divisible by the data-parallel size 3",
+    ),
+    (
+        ["parallelism.micro_batch_size=32"],
+        2,
+        r"16 sequences per data-parallel rank .* parallelism\.micro_batch_size \(32\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "pattern"), LAYOUT_RULES)
+def test_validate_layout_names_the_field(overrides, world_size, pattern):
+    config = load_config(TINY, overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        config.validate_layout(world_size)
+
+
+def test_validate_layout_returns_data_parallel_size():
+    config = load_config(TINY)
+    assert config.validate_layout(4) == 4
+    assert (
+        load_config(TINY, ["parallelism.max_tokens_per_micro_batch=1024"]).validate_layout(2) == 2
+    )
+    big = load_config(BIG)
+    assert big.validate_layout() == 4 and big.validate_layout(256) == 8
+    split = load_config(BIG, ["rollout.colocate=false", "rollout.num_gpus=64"])
+    assert split.training_world_size == 64 and split.validate_layout() == 2
+    with pytest.raises(ConfigError, match=r"world size 120 must be divisible"):
+        big.validate_layout(120)
+
+
+def test_sections_validate_when_built_directly():
+    with pytest.raises(ValueError, match=r"algorithm\.clip_ratio_c must be > 1"):
+        AlgorithmConfig(clip_ratio_c=0.5)
+    with pytest.raises(ValueError, match=r"parallelism\.context_parallel_size must be >= 1"):
+        ParallelismConfig(context_parallel_size=0)
+    assert (
+        ParallelismConfig(tensor_model_parallel_size=2, context_parallel_size=2).model_parallel_size
+        == 4
+    )
+
+
+def test_to_yaml_round_trip_keeps_overridden_values(tmp_path):
+    config = load_config(
+        TINY, ["optimizer.lr=2.5e-7", "data.train_files=['007', x.jsonl]", "trainer.seed=7"]
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(config))
+    again = load_config(path)
+    assert again == config and again.data.train_files == ["007", "x.jsonl"]
+    assert isinstance(again, FipoConfig)
+
+
+def test_config_module_imports_no_torch():
+    code = "import sys, megatron_fipo.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

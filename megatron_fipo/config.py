@@ -204,12 +204,12 @@ class ModelConfig(_Section):
     """Converted Megatron checkpoint to start from instead of converting ``hf_model_path``."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Parameter and compute dtype (float32 on CPU)."""
-    transformer_impl: Literal["local", "transformer_engine"] = "transformer_engine"
-    """Megatron layer spec: "local" (pure torch, CPU) or "transformer_engine" (GPU, FP8)."""
+    spec: Literal["local", "te"] = "te"
+    """Megatron layer spec: "local" (pure torch, runs on CPU) or "te" (TransformerEngine, FP8)."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 format of the TE layers (None: off); "hybrid" = e4m3 forward, e5m2 gradients."""
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
-    """TE FP8 scaling recipe."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """TE FP8 scaling recipe ("mxfp8" needs Blackwell GPUs)."""
     fp8_param: bool = False
     """Keep the TE weights themselves in FP8 (saves memory; needs fp8)."""
     recompute_granularity: Literal["full", "selective"] | None = None
@@ -226,9 +226,9 @@ class ModelConfig(_Section):
         )
         if self.fp8 is not None:
             _require(
-                self.transformer_impl == "transformer_engine" and self.dtype == "bfloat16",
-                f"model.fp8={self.fp8!r} needs model.transformer_impl='transformer_engine' and "
-                f"model.dtype='bfloat16', got {self.transformer_impl!r} and {self.dtype!r}",
+                self.spec == "te" and self.dtype == "bfloat16",
+                f"model.fp8={self.fp8!r} needs model.spec='te' and "
+                f"model.dtype='bfloat16', got {self.spec!r} and {self.dtype!r}",
             )
         _require(not self.fp8_param or self.fp8 is not None, "model.fp8_param=true needs model.fp8")
         _require(
@@ -364,6 +364,10 @@ class RolloutConfig(_Section):
     """Bytes per bucket of HF-named tensors sent to the engines after each rollout step."""
     host: str = "127.0.0.1"
     """Address the engine servers bind to."""
+    extra_server_args: list[str] = field(default_factory=list)
+    """Extra SGLang server arguments, e.g. ["--attention-backend", "fa3"]."""
+    hf_max_batch_size: int = _num(64, ge=1)
+    """HF engine: requests decoded together (larger request lists are split)."""
     eval_sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     """Sampling used by evaluation."""
 
@@ -586,8 +590,8 @@ class FipoConfig:
                 "rollout.engine must be 'hf' when trainer.gpus_per_node is 0",
             )
             _require(
-                self.model.transformer_impl == "local",
-                "model.transformer_impl must be 'local' when trainer.gpus_per_node is 0",
+                self.model.spec == "local",
+                "model.spec must be 'local' when trainer.gpus_per_node is 0",
             )
             _require(
                 rollout.colocate, "rollout.colocate=false needs GPUs (trainer.gpus_per_node > 0)"

@@ -253,8 +253,8 @@ RULES = [
     ),
     (
         TINY,
-        ["model.transformer_impl=transformer_engine"],
-        r"model\.transformer_impl must be 'local'",
+        ["model.spec=te"],
+        r"model\.spec must be 'local'",
     ),
     (TINY, ["trainer.distributed_backend=nccl"], r"trainer\.distributed_backend must be 'gloo'"),
     (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -428,3 +430,21 @@ def test_to_yaml_round_trip_keeps_overridden_values(tmp_path):
 def test_config_module_imports_no_torch():
     code = "import sys, megatron_fipo.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_configs_pickle_for_ray_and_replace_revalidates():
+    config = load_config(BIG)
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert dataclasses.replace(config.algorithm, mode="grpo").mode == "grpo"
+    with pytest.raises(ValueError, match=r"algorithm\.decay_rate must be > 0"):
+        dataclasses.replace(config.algorithm, decay_rate=0.0)
+
+
+def test_file_that_is_not_a_mapping_or_not_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: config must be a mapping"):
+        load_config(path)
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(path)

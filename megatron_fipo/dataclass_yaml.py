@@ -218,6 +218,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    names = {bool: "a bool (true/false)", int: "an int", str: "a string"}
+        item = _type_name(typing.get_args(tp)[0])
+        return "a list of " + item.removeprefix("a ").removeprefix("an ")
+    names = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))

@@ -1,0 +1,221 @@
+"""Streaming safetensors I/O: read one tensor at a time, write shards tensor by tensor.
+
+We parse the (documented, tiny) safetensors header ourselves and move bytes with plain
+``readinto`` / ``pwrite`` instead of ``safetensors.safe_open``: ``safe_open`` memory-maps the whole
+file, and every page it touches stays resident in this process, so peak RSS would grow with
+the model instead of with the largest tensor.
+
+File layout: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the data
+(offsets relative to the end of the header).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint_convert.adapters import ConversionError
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+_IO_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read/write call.
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where one tensor lives: ``path`` and absolute byte range ``[start, end)``."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors file's header; ConversionError for missing, corrupt or truncated files
+    and for unsupported dtypes."""
+    if not path.is_file():
+        raise ConversionError(f"missing safetensors shard: {path}")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"truncated safetensors shard (no header): {path}")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(_MAX_HEADER, file_size - 8):
+            raise ConversionError(f"corrupt or truncated safetensors header in {path}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConversionError(f"corrupt safetensors header in {path}: {error}") from error
+    base = 8 + header_len
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in DTYPES:
+            raise ConversionError(
+                f"unsupported dtype {entry['dtype']} for tensor {name!r} in {path}; "
+                f"supported: {sorted(DTYPES)}"
+            )
+        begin, end = entry["data_offsets"]
+        dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ConversionError(f"tensor {name!r} in {path}: byte range does not match its shape")
+        if base + end > file_size:
+            raise ConversionError(
+                f"truncated safetensors shard {path}: tensor {name!r} ends at byte {base + end}, "
+                f"file has {file_size}"
+            )
+        infos[name] = TensorInfo(name, path, dtype, shape, base + begin, base + end)
+    return infos
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done : done + _IO_CHUNK]], offset + done)
+        if count <= 0:
+            raise ConversionError(f"unexpected end of file reading fd {fd} at byte {offset + done}")
+        done += count
+
+
+def _write_from(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + _IO_CHUNK], offset + done)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU tensor (no copy)."""
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsReader:
+    """All tensors of an HF checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir: Path):
+        self.hf_dir = Path(hf_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[Path, int] = {}
+        index = self.hf_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no 'weight_map'")
+            files = sorted(set(weight_map.values()))
+            headers = {f: read_header(self.hf_dir / f) for f in files}
+            for name, file in weight_map.items():
+                if name not in headers[file]:
+                    raise ConversionError(f"tensor {name!r} is in {index.name} but not in shard {file}")
+                self.tensors[name] = headers[file][name]
+            for file, header in headers.items():
+                for name in header.keys() - weight_map.keys():
+                    raise ConversionError(f"tensor {name!r} in shard {file} is missing from {index.name}")
+        elif (self.hf_dir / SINGLE_FILE).is_file():
+            self.tensors = read_header(self.hf_dir / SINGLE_FILE)
+        else:
+            raise ConversionError(f"no {INDEX_FILE} or {SINGLE_FILE} in {self.hf_dir}")
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk into a fresh tensor."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ConversionError(f"tensor {name!r} not found in {self.hf_dir}")
+        if info.path not in self._fds:
+            self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        _read_into(self._fds[info.path], memoryview(buffer.numpy()), info.start)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ShardWriter:
+    """One safetensors file whose header is fixed up front; tensors are written in any order."""
+
+    def __init__(self, path: Path, tensors: Iterable[PlannedTensor]):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        self._offsets: dict[str, tuple[int, PlannedTensor]] = {}
+        position = 0
+        for planned in tensors:
+            end = position + planned.nbytes
+            header[planned.name] = {
+                "dtype": DTYPE_NAMES[planned.dtype],
+                "shape": list(planned.shape),
+                "data_offsets": [position, end],
+            }
+            self._offsets[planned.name] = (position, planned)
+            position = end
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
+        self._base = 8 + len(encoded)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, self._base + position)
+        _write_from(self._fd, memoryview(struct.pack("<Q", len(encoded)) + encoded), 0)
+        self._pending = set(self._offsets)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        position, planned = self._offsets[name]
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise ConversionError(
+                f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}"
+            )
+        _write_from(self._fd, tensor_bytes(tensor), self._base + position)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._pending:
+            raise ConversionError(f"{self.path.name}: tensors never written: {sorted(self._pending)}")
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split ``tensors`` (in order) into shards of at most ``max_shard_bytes`` (one tensor may exceed)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for planned in tensors:
+        if shards[-1] and size + planned.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(planned)
+        size += planned.nbytes
+    return shards

@@ -20,6 +20,7 @@ entering each segment (:func:`add_right_carry`).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -33,16 +34,28 @@ def _check_gamma(gamma: float) -> None:
 
 def _decay_powers(gamma: float, n: int, like: torch.Tensor) -> torch.Tensor:
     """``gamma ** arange(n)`` computed in fp64 and cast to ``like``'s dtype/device."""
-    powers = torch.full((n,), float(gamma), dtype=torch.float64).cumprod(0) / gamma
-    return powers.to(dtype=like.dtype, device=like.device)
+    return _cached_powers(float(gamma), n, like.dtype, like.device)
 
 
 def _block_matrix(gamma: float, size: int, like: torch.Tensor) -> torch.Tensor:
     """``D[k, j] = gamma^(k - j)`` for ``k >= j`` else 0, shape ``[size, size]``."""
-    idx = torch.arange(size)
+    return _cached_matrix(float(gamma), size, like.dtype, like.device)
+
+
+# Small constants (at most BLOCK x BLOCK) reused across calls: building them costs more than
+# the scan itself at short T.
+@functools.lru_cache(maxsize=256)
+def _cached_powers(gamma: float, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    exponents = torch.arange(n, dtype=torch.float64)
+    return torch.pow(torch.tensor(gamma, dtype=torch.float64), exponents).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_matrix(gamma: float, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    idx = torch.arange(size, dtype=torch.float64)
     diff = idx[:, None] - idx[None, :]
-    mat = torch.where(diff >= 0, torch.tensor(float(gamma), dtype=torch.float64) ** diff.clamp(min=0), 0.0)
-    return mat.to(dtype=like.dtype, device=like.device)
+    power = torch.pow(torch.tensor(gamma, dtype=torch.float64), diff.clamp(min=0))
+    return torch.where(diff >= 0, power, 0.0).to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -64,15 +77,15 @@ def _scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
     if length <= BLOCK:
         return x @ _block_matrix(gamma, length, x)
     num_blocks = -(-length // BLOCK)
-    padded = torch.nn.functional.pad(x, (0, num_blocks * BLOCK - length))
-    local = (padded.view(batch * num_blocks, BLOCK) @ _block_matrix(gamma, BLOCK, x)).view(
+    padded = x if length % BLOCK == 0 else torch.nn.functional.pad(x, (0, num_blocks * BLOCK - length))
+    local = (padded.reshape(batch * num_blocks, BLOCK) @ _block_matrix(gamma, BLOCK, x)).view(
         batch, num_blocks, BLOCK
     )
     # F at the start of each block (block totals plus everything to their right).
     starts = _scan(local[:, :, 0].contiguous(), gamma**BLOCK)
     carry = torch.nn.functional.pad(starts[:, 1:], (0, 1))  # entering block n from block n+1
     tail = _decay_powers(gamma, BLOCK + 1, x).flip(0)[:BLOCK]  # gamma^(BLOCK - j)
-    out = local + carry.unsqueeze(-1) * tail
+    out = local.addcmul_(carry.unsqueeze(-1), tail)
     return out.view(batch, num_blocks * BLOCK)[:, :length]
 
 

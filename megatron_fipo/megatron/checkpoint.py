@@ -1,0 +1,216 @@
+"""Distributed checkpoints of the actor, and the parameter-shard view used by weight sync.
+
+Format (a directory written with ``megatron.core.dist_checkpointing``, ``torch_dist`` backend):
+
+- the Megatron sharded tensors of every model chunk under ``model0``, ``model1``, ... (one per
+  virtual pipeline stage); tensor keys carry global layer numbers, so a checkpoint saved under
+  one TP / PP layout loads under any other;
+- for actor checkpoints also ``optimizer`` (distributed-optimizer state sharded
+  ``dp_reshardable``: reloadable under another DP size, same TP / PP) and ``scheduler``;
+- beside them ``config.json`` (the Hugging Face model config) and ``fipo_checkpoint.json``
+  (what was saved: parallel layout, step, caller metadata).
+
+Saving starts a spawn-context manager inside megatron-core: the calling script needs an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.megatron.model import unwrap
+
+CHECKPOINT_META = "fipo_checkpoint.json"
+HF_CONFIG = "config.json"
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """One parameter as held by this rank.
+
+    ``name``: Megatron name with the GLOBAL layer number (``decoder.layers.17.mlp.linear_fc1
+    .weight``); ``tensor``: the local shard (the live parameter, do not modify);
+    ``tensor_parallel``: split over TP ranks, along ``partition_dim`` (0 = output rows for
+    column-parallel layers, vocab rows for embedding / output layer; 1 = input columns for
+    row-parallel layers); ``partition_stride``: Megatron's stride (1 for every dense layer
+    here); ``gated``: a SwiGLU ``linear_fc1`` whose local rows are ``[gate_r; up_r]``, so the
+    full weight is ``[gate_0 .. gate_{TP-1}; up_0 .. up_{TP-1}]`` rather than a plain
+    concatenation; ``tp_rank`` / ``tp_size``: where the shard sits.
+    Fused ``linear_qkv`` rows are grouped per KV head: ``[q (heads/groups rows) , k, v]`` per
+    group, groups split evenly over TP, so a plain dim-0 concatenation rebuilds it.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    tensor_parallel: bool
+    partition_dim: int | None
+    partition_stride: int
+    gated: bool
+    tp_rank: int
+    tp_size: int
+
+
+def _global_name(model, name: str) -> str:
+    match = _LAYER.match(name)
+    if not match:
+        return name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
+
+
+def iter_param_shards(model_chunks: list) -> Iterator[ParamShard]:
+    """This rank's :class:`ParamShard` s over all its model chunks.
+
+    Every parameter appears on exactly one PP stage, except that with tied embeddings the last
+    stage's copy of the embedding (``output_layer.weight``) is skipped: the first stage's
+    ``embedding.word_embeddings.weight`` is the one to sync. Padded vocab rows are included
+    (the vocab is padded to a multiple of 128 * TP; the caller trims to the HF vocab size).
+    """
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        gated = model.config.gated_linear_unit
+        for name, param in model.named_parameters():
+            if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                continue
+            is_tp = bool(getattr(param, "tensor_model_parallel", False))
+            yield ParamShard(
+                name=_global_name(model, name),
+                tensor=param.detach(),
+                tensor_parallel=is_tp,
+                partition_dim=getattr(param, "partition_dim", None) if is_tp else None,
+                partition_stride=int(getattr(param, "partition_stride", 1)),
+                gated=gated and name.endswith("mlp.linear_fc1.weight"),
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+            )
+
+
+def model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
+    """``{"model0": ..., "model1": ...}``: Megatron sharded state dicts of the chunks."""
+    return {
+        f"model{index}": unwrap(chunk).sharded_state_dict(prefix="")
+        for index, chunk in enumerate(model_chunks)
+    }
+
+
+def _hf_config_dict(hf_config: Any) -> dict:
+    return dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
+
+
+def _write_metadata(path: str, hf_config: Any, metadata: dict) -> None:
+    if dist.get_rank() != 0:
+        return
+    if hf_config is not None:
+        with open(os.path.join(path, HF_CONFIG), "w") as handle:
+            json.dump(_hf_config_dict(hf_config), handle, indent=2, default=str)
+    with open(os.path.join(path, CHECKPOINT_META), "w") as handle:
+        json.dump(metadata, handle, indent=2, default=str)
+
+
+def _prepare_dir(path: str) -> None:
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "context_parallel": ps.get_context_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+    }
+
+
+def save_model_checkpoint(
+    model_chunks: list, path: str, hf_config: Any = None, extra_metadata: dict | None = None
+) -> None:
+    """Saves the model weights only (all ranks call it); ``hf_config`` goes to ``config.json``."""
+    from megatron.core import dist_checkpointing
+
+    _prepare_dir(path)
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), path)
+    _write_metadata(
+        path, hf_config, {"kind": "model", "layout": _layout(), **(extra_metadata or {})}
+    )
+    dist.barrier()
+
+
+@torch.no_grad()
+def load_model_checkpoint(model_chunks: list, path: str) -> None:
+    """Loads weights saved by :func:`save_model_checkpoint` or :func:`save_actor_checkpoint`
+    into ``model_chunks`` (any TP / PP layout; the architecture must match)."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    state = dist_checkpointing.load(model_sharded_state_dict(model_chunks), path)
+    for index, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(state[f"model{index}"], strict=True)
+
+
+def read_hf_config(path: str) -> dict:
+    """The HF ``config.json`` saved beside a checkpoint."""
+    with open(os.path.join(path, HF_CONFIG)) as handle:
+        return json.load(handle)
+
+
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) -> None:
+    """Model + optimizer + LR scheduler of a :class:`~megatron_fipo.megatron.actor.MegatronActor`."""
+    from megatron.core import dist_checkpointing
+
+    _prepare_dir(path)
+    state = model_sharded_state_dict(actor.model)
+    state["optimizer"] = actor.optimizer.sharded_state_dict(
+        state, is_loading=False, metadata=_OPTIMIZER_METADATA
+    )
+    state["scheduler"] = actor.scheduler.state_dict()
+    state["num_steps"] = actor.num_steps
+    dist_checkpointing.save(state, path)
+    meta = {"kind": "actor", "layout": _layout(), "num_steps": actor.num_steps}
+    _write_metadata(path, actor.hf_config, {**meta, **(extra_metadata or {})})
+    dist.barrier()
+
+
+@torch.no_grad()  # the optimizer copies into views of parameters that require grad
+def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> None:
+    """Restores what :func:`save_actor_checkpoint` wrote. The optimizer part needs the saving
+    run's TP / PP layout (DP may differ); ``load_optimizer=False`` takes the weights only."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not load_optimizer:
+        load_model_checkpoint(actor.model, path)
+        actor.optimizer.reload_model_params()
+        return
+    state = model_sharded_state_dict(actor.model)
+    state["optimizer"] = actor.optimizer.sharded_state_dict(
+        state, is_loading=True, metadata=_OPTIMIZER_METADATA
+    )
+    state["scheduler"] = None
+    state["num_steps"] = None
+    loaded = dist_checkpointing.load(state, path)
+    for index, chunk in enumerate(actor.model):
+        unwrap(chunk).load_state_dict(loaded[f"model{index}"], strict=True)
+    actor.optimizer.load_state_dict(loaded["optimizer"])
+    actor.scheduler.load_state_dict(loaded["scheduler"])
+    actor.num_steps = int(loaded["num_steps"])

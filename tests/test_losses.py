@@ -18,7 +18,10 @@ def reference_loss(logp, old, adv, mask, cfg: PolicyLossConfig, num_tokens=None)
     for i in range(batch):
         ls = [max(-20.0, min(20.0, float(logp[i, t] - old[i, t]))) for t in range(length)]
         a = float(adv[i])
-        xs = [ls[t] * float(mask[i, t]) * (1.0 if ls[t] <= math.log(c) else 0.0) for t in range(length)]
+        xs = [
+            ls[t] * float(mask[i, t]) * (1.0 if ls[t] <= math.log(c) else 0.0)
+            for t in range(length)
+        ]
         fut, acc = [0.0] * length, 0.0
         for t in reversed(range(length)):
             acc = xs[t] + gamma * acc
@@ -75,7 +78,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.fipo_clip_ratio}-{c.fipo_clip_high_only}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.fipo_clip_ratio}-{c.fipo_clip_high_only}"
+)
 @pytest.mark.parametrize("seed,spread", [(0, 0.3), (1, 1.0), (2, 3.0)])
 def test_matches_reference(cfg, seed, spread):
     logp, old, adv, mask = random_batch(seed, spread=spread)
@@ -83,7 +88,9 @@ def test_matches_reference(cfg, seed, spread):
     expected = reference_loss(logp, old, adv, mask, cfg)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     loss_n, _ = compute_policy_loss(logp, old, adv, mask, cfg, num_tokens=1000)
-    assert loss_n.item() == pytest.approx(reference_loss(logp, old, adv, mask, cfg, 1000), rel=1e-5, abs=1e-8)
+    assert loss_n.item() == pytest.approx(
+        reference_loss(logp, old, adv, mask, cfg, 1000), rel=1e-5, abs=1e-8
+    )
 
 
 def test_spec_check_weights():
@@ -117,6 +124,7 @@ def test_gradient_only_through_log_probs_and_matches_finite_differences():
     loss, _ = compute_policy_loss(logp, old, adv, mask, cfg)
     loss.backward()
     assert old.grad is None and adv.grad is None
+
     # f is detached: the gradient is that of the PPO surrogate at fixed f
     def surrogate(lp):
         with torch.no_grad():
@@ -145,7 +153,9 @@ def test_micro_batches_with_global_count_equal_whole_batch():
     split = logp.clone().requires_grad_(True)
     total = 0.0
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
-        part, _ = compute_policy_loss(split[rows], old[rows], adv[rows], mask[rows], cfg, num_tokens)
+        part, _ = compute_policy_loss(
+            split[rows], old[rows], adv[rows], mask[rows], cfg, num_tokens
+        )
         part.backward()
         total += part.item()
     assert total == pytest.approx(loss.item(), rel=1e-12)
@@ -207,4 +217,10 @@ def test_config_validation_names_field():
     with pytest.raises(ValueError, match="decay_rate"):
         PolicyLossConfig(decay_rate=0)
     with pytest.raises(ValueError, match="log_probs"):
-        compute_policy_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3), PolicyLossConfig())
+        compute_policy_loss(
+            torch.zeros(2, 3),
+            torch.zeros(2, 4),
+            torch.zeros(2),
+            torch.ones(2, 3),
+            PolicyLossConfig(),
+        )

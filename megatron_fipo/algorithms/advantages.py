@@ -43,7 +43,9 @@ def grpo_advantages(
         )
     values = rewards.to(torch.float64)
     index, num_groups = _group_index(group_ids)
-    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, index, torch.ones_like(values))
+    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(
+        0, index, torch.ones_like(values)
+    )
     sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, index, values)
     mean = sums / counts
     centered = values - mean[index]

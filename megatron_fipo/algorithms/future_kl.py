@@ -47,11 +47,15 @@ def _block_matrix(gamma: float, size: int, like: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _cached_powers(gamma: float, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     exponents = torch.arange(n, dtype=torch.float64)
-    return torch.pow(torch.tensor(gamma, dtype=torch.float64), exponents).to(device=device, dtype=dtype)
+    return torch.pow(torch.tensor(gamma, dtype=torch.float64), exponents).to(
+        device=device, dtype=dtype
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_matrix(gamma: float, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _cached_matrix(
+    gamma: float, size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     idx = torch.arange(size, dtype=torch.float64)
     diff = idx[:, None] - idx[None, :]
     power = torch.pow(torch.tensor(gamma, dtype=torch.float64), diff.clamp(min=0))
@@ -77,7 +81,9 @@ def _scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
     if length <= BLOCK:
         return x @ _block_matrix(gamma, length, x)
     num_blocks = -(-length // BLOCK)
-    padded = x if length % BLOCK == 0 else torch.nn.functional.pad(x, (0, num_blocks * BLOCK - length))
+    padded = (
+        x if length % BLOCK == 0 else torch.nn.functional.pad(x, (0, num_blocks * BLOCK - length))
+    )
     local = (padded.reshape(batch * num_blocks, BLOCK) @ _block_matrix(gamma, BLOCK, x)).view(
         batch, num_blocks, BLOCK
     )

@@ -138,7 +138,9 @@ def compute_policy_loss(
     mask = response_mask.to(dtype)
     adv = advantages.detach().to(dtype)
     adv = adv.unsqueeze(-1).expand_as(log_probs) if adv.dim() == 1 else adv
-    log_ratio = (log_probs - old_log_probs.detach().to(dtype)).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    log_ratio = (log_probs - old_log_probs.detach().to(dtype)).clamp(
+        -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND
+    )
     ratio = torch.exp(log_ratio)
     stats: dict[str, torch.Tensor] = {}
     if config.mode == "fipo":

@@ -59,12 +59,14 @@ def main() -> None:
     print(header)
     for length in args.lengths:
         x = torch.randn(16, length, generator=torch.Generator().manual_seed(length))
-        ours = best_time(lambda: discounted_future_sum(x, GAMMA), 20)
-        floor = best_time(lambda: flipped_cumsum(x), 20)
+        ours = best_time(lambda x=x: discounted_future_sum(x, GAMMA), 20)
+        floor = best_time(lambda x=x: flipped_cumsum(x), 20)
         ref_repeats = 3 if length <= 10240 else 1
-        ref = best_time(lambda: reference_block_matmul(x, GAMMA), ref_repeats)
+        ref = best_time(lambda x=x: reference_block_matmul(x, GAMMA), ref_repeats)
         exact = discounted_future_sum(x.double(), GAMMA)
-        err = ((discounted_future_sum(x, GAMMA).double() - exact).abs().max() / exact.abs().max()).item()
+        err = (
+            (discounted_future_sum(x, GAMMA).double() - exact).abs().max() / exact.abs().max()
+        ).item()
         print(
             f"{length:>6} {ours * 1e3:>9.3f} {ref * 1e3:>12.1f} {floor * 1e3:>11.3f} "
             f"{ref / ours:>7.0f}x {ours / floor:>6.2f}x {err:>12.2e}"

@@ -1,0 +1,245 @@
+"""Context-parallel core attention for megatron-core's local (non-TransformerEngine) spec.
+
+megatron-core's ``DotProductAttention`` refuses ``context_parallel_size > 1``; on GPUs TE's
+attention does the ring exchange. :class:`ContextParallelAttention` takes its place in the
+local layer spec (``core_attention=ContextParallelAttention``) so CP runs, and is tested, on
+CPU. Per layer and CP rank it computes::
+
+    K, V = all_gather(K_local, V_local over the CP group)          # [CP * s, b, g, d]
+    O = softmax(Q K^T * scale + causal_mask(global positions)) V    # fp32 (or wider) softmax
+
+The causal mask compares global positions of the zigzag layout
+(:mod:`megatron_fipo.megatron.context_parallel`), and with packed sequences ("thd",
+``PackedSeqParams.cu_seqlens_q_padded``) also sequence identities, so a token never sees
+another sequence. The K/V all-gather is differentiable: its backward reduce-scatters dK / dV
+to the ranks that own the keys. Memory is ``O(s * CP * s)`` scores per head: meant for CPU
+tests and small runs; use TE's CP attention for long sequences on GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_fipo.megatron.context_parallel import packed_token_map, zigzag_positions
+
+_CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 over a group; backward reduce-scatters (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        size = dist.get_world_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        dist.reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def gather_sequence(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """``[s, ...]`` -> ``[CP * s, ...]`` (rank order), differentiable; identity without CP."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _GatherSequence.apply(x, group)
+
+
+def token_identity(
+    local_length: int,
+    cp_size: int,
+    cp_rank: int,
+    cu_seqlens_padded: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Sequence index and global position ``[local_length]`` of one rank's tokens.
+
+    Without ``cu_seqlens_padded`` the row is one zigzag-split sequence ("bshd"); with it, the
+    row packs every sequence's local chunks back to back ("thd").
+    """
+    if cu_seqlens_padded is None:
+        positions = zigzag_positions(local_length, cp_size, cp_rank)
+        return torch.zeros_like(positions), positions
+    padded = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).tolist()
+    sequence_index, positions = packed_token_map(padded, cp_size, cp_rank)
+    if sequence_index.numel() != local_length:
+        raise ValueError(
+            f"cu_seqlens_padded describe {sequence_index.numel()} local tokens per rank, "
+            f"the packed row has {local_length}"
+        )
+    return sequence_index, positions
+
+
+def zigzag_causal_mask(
+    local_length: int,
+    cp_size: int,
+    cp_rank: int,
+    cu_seqlens_padded: Tensor | None = None,
+) -> Tensor:
+    """``[s, CP * s]`` bool, True where local query ``i`` may attend gathered key ``j``.
+
+    Gathered keys are in rank order (rank 0's tokens, then rank 1's ...), as
+    :func:`gather_sequence` returns them.
+    """
+    query_seq, query_pos = token_identity(local_length, cp_size, cp_rank, cu_seqlens_padded)
+    key_ids = [token_identity(local_length, cp_size, r, cu_seqlens_padded) for r in range(cp_size)]
+    key_seq = torch.cat([seq for seq, _ in key_ids])
+    key_pos = torch.cat([pos for _, pos in key_ids])
+    same_sequence = query_seq.unsqueeze(1) == key_seq.unsqueeze(0)
+    return same_sequence & (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1))
+
+
+def masked_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor,
+    softmax_scale: float,
+    dropout: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Attention with an explicit boolean mask, softmax in fp32 (or the inputs' wider dtype).
+
+    Args:
+        query: ``[s, b, n, d]``; key / value: ``[S, b, g, d]`` with ``g`` dividing ``n`` (GQA).
+        allowed: ``[s, S]`` bool, True where query ``i`` may attend key ``j``; every row must
+            allow at least one key.
+
+    Returns:
+        ``[s, b, n * d]`` in ``query``'s dtype.
+    """
+    num_heads, num_groups = query.shape[2], key.shape[2]
+    if num_heads % num_groups:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} groups")
+    if num_heads != num_groups:  # GQA: each key/value group serves num_heads/num_groups heads
+        key = key.repeat_interleave(num_heads // num_groups, dim=2)
+        value = value.repeat_interleave(num_heads // num_groups, dim=2)
+    compute = torch.promote_types(query.dtype, torch.float32)
+    q = query.permute(1, 2, 0, 3).to(compute)  # [b, n, s, d]
+    k = key.permute(1, 2, 3, 0).to(compute)  # [b, n, d, S]
+    v = value.permute(1, 2, 0, 3).to(compute)  # [b, n, S, d]
+    scores = torch.matmul(q, k) * softmax_scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    context = torch.matmul(probs, v).to(query.dtype)  # [b, n, s, d]
+    seq, batch = query.shape[0], query.shape[1]
+    return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+class ContextParallelAttention(MegatronModule):
+    """Drop-in ``core_attention`` for the local spec that works with any CP size.
+
+    Same constructor and forward signature as megatron-core 0.16.1's
+    ``DotProductAttention``. Inputs are ``[s, b, heads, d]`` ("bshd"), or ``[t, heads, d]``
+    with ``packed_seq_params.qkv_format == "thd"``; outputs ``[s, b, heads * d]`` (or
+    ``[t, heads * d]``). ``attention_mask`` is not used: a local mask cannot describe keys that
+    live on other ranks, so the causal mask is built from global positions (right padding
+    needs no mask under causal attention). Query-key layer scaling is not applied: the softmax
+    runs in fp32 (fp64 for fp64 inputs), where it changes nothing.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        super().__init__(config=config)
+        if attn_mask_type not in _CAUSAL_TYPES:
+            raise ValueError(f"ContextParallelAttention is causal only, got {attn_mask_type}")
+        if config.window_size is not None:
+            raise ValueError("ContextParallelAttention does not support window_size")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"softmax_type {config.softmax_type!r} is not supported")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
+        if self.cp_group is None:
+            self.cp_group = parallel_state.get_context_parallel_group()
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.attention_dropout = torch.nn.Dropout(dropout)
+        self._mask_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def cp_size(self) -> int:
+        return dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+
+    def _mask(self, length: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor:
+        cp_size = self.cp_size
+        cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
+        bounds = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+        key = (length, cp_size, cp_rank, bounds, str(device))
+        if key not in self._mask_cache:
+            if len(self._mask_cache) > 8:  # packed boundaries change every micro-batch
+                self._mask_cache.clear()
+            self._mask_cache[key] = zigzag_causal_mask(
+                length, cp_size, cp_rank, None if cu_seqlens is None else cu_seqlens.cpu()
+            ).to(device)
+        return self._mask_cache[key]
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> Tensor:
+        """Causal attention of the local queries over the CP group's keys (see class doc)."""
+        if attention_bias is not None:
+            raise ValueError("ContextParallelAttention does not support attention_bias")
+        if (attn_mask_type or self.attn_mask_type) not in _CAUSAL_TYPES:
+            raise ValueError(f"ContextParallelAttention is causal only, got {attn_mask_type}")
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        cu_seqlens = None
+        if packed:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+        elif packed_seq_params is not None:
+            raise ValueError(f"unsupported qkv_format {packed_seq_params.qkv_format!r}")
+        allowed = self._mask(query.shape[0], cu_seqlens, query.device)
+        key = gather_sequence(key, self.cp_group)
+        value = gather_sequence(value, self.cp_group)
+        context = masked_attention(query, key, value, allowed, self.softmax_scale, self._dropout)
+        return context.squeeze(1) if packed else context
+
+    def _dropout(self, probs: Tensor) -> Tensor:
+        if not self.training or self.attention_dropout.p == 0:
+            return probs
+        if self.config.sequence_parallel:
+            return self.attention_dropout(probs)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.attention_dropout(probs)

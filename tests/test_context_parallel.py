@@ -1,0 +1,535 @@
+"""Context parallelism without TE: zigzag layout, the CP future-KL scan and CP attention.
+
+Single-process tests simulate every CP rank in one process (the scan's exchange is an explicit
+stack of the per-rank totals); multi-process tests run the real collectives over gloo in one
+persistent spawned group per world size, shared by all cases of this file.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from megatron_fipo.algorithms.future_kl import discounted_future_sum
+from megatron_fipo.algorithms.losses import PolicyLossConfig, influence_weights
+from megatron_fipo.megatron.context_parallel import (
+    build_cp_batch,
+    build_layout,
+    gather_to_global,
+    labels_to_tokens,
+    local_to_global,
+    split_to_local,
+    zigzag_positions,
+)
+from megatron_fipo.megatron.cp_scan import (
+    ChunkIndex,
+    apply_carries,
+    exchange_bytes,
+    local_chunk_scan,
+    make_cp_future_sum,
+    own_carries,
+)
+
+GAMMA = 2.0 ** (-1.0 / 32)
+RAGGED = [37, 5, 130, 64, 1]
+
+
+def ragged_input(lengths, total, dtype, seed=0):
+    """``[B, total]`` random values, zero past each sequence's length (the masked loss input)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), total, generator=gen, dtype=torch.float64)
+    inside = torch.arange(total) < torch.tensor(lengths).unsqueeze(1)
+    return (x * inside).to(dtype)
+
+
+def relative_error(actual, expected):
+    scale = expected.double().abs().max().clamp(min=1.0)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+# ---------------------------------------------------------------- layout (one process)
+
+
+def test_zigzag_positions_pair_early_and_late_chunks():
+    assert zigzag_positions(4, 2, 0).tolist() == [0, 1, 6, 7]
+    assert zigzag_positions(4, 2, 1).tolist() == [2, 3, 4, 5]
+    assert zigzag_positions(6, 1, 0).tolist() == list(range(6))
+    with pytest.raises(ValueError, match="even"):
+        zigzag_positions(3, 2, 0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cp_size,tp_size", [(1, 1), (2, 1), (2, 2), (3, 1), (4, 1)])
+def test_split_gather_round_trip(packed, cp_size, tp_size):
+    total = 140
+    x = torch.randn(len(RAGGED), total, 3)
+    layouts = [
+        build_layout(RAGGED, cp_size, r, packed=packed, tp_size=tp_size) for r in range(cp_size)
+    ]
+    for layout in layouts:
+        assert all(p % (2 * cp_size * tp_size) == 0 for p in layout.padded_lengths)
+    locals_ = [split_to_local(x, layout) for layout in layouts]
+    assert {loc.shape for loc in locals_} == {(layouts[0].num_rows, layouts[0].local_length, 3)}
+    # every real token is held by exactly one rank
+    held = sum(layout.valid.sum().item() for layout in layouts)
+    assert held == sum(RAGGED)
+    back = local_to_global(locals_, layouts[0], total)
+    inside = (torch.arange(total) < max(layouts[0].padded_lengths)).view(1, -1, 1)
+    if packed:  # a packed sequence only carries its own padded length
+        inside = (
+            torch.arange(total).unsqueeze(0) < torch.tensor(layouts[0].padded_lengths).unsqueeze(1)
+        ).unsqueeze(-1)
+    torch.testing.assert_close(back, torch.where(inside, x, 0.0), rtol=0, atol=0)
+
+
+def test_packed_layout_wastes_only_the_round_up():
+    packed = build_layout(RAGGED, 2, 0, packed=True)
+    padded = build_layout(RAGGED, 2, 0, packed=False)
+    assert packed.padded_lengths == (40, 8, 132, 64, 4)
+    assert packed.num_rows * packed.local_length == sum(packed.padded_lengths) // 2
+    assert padded.padded_lengths == (132,) * 5
+    assert padded.num_rows * padded.local_length == 5 * 66
+
+
+def test_targets_cross_chunk_and_rank_boundaries():
+    """Labels come from the full sequence: the last token of a chunk predicts the first token
+    of the next chunk, which lives on another rank."""
+    lengths = [16, 11]
+    ids = torch.arange(1, 33).view(2, 16) * 10
+    mask = (torch.arange(16) >= 4).float().expand(2, 16)
+    for packed in (False, True):
+        layouts = [build_layout(lengths, 2, r, packed=packed) for r in range(2)]
+        batches = [build_cp_batch(ids, lengths, layout, {"mask": mask}) for layout in layouts]
+        for batch in batches:
+            seq, pos = batch.layout.token_map
+            inside = pos + 1 < torch.tensor(lengths)[seq]
+            expected = torch.where(inside, ids[seq, (pos + 1).clamp(max=15)], 0)
+            assert torch.equal(batch.labels, expected)
+            assert torch.equal(batch.label_valid, inside)
+            assert torch.equal(batch.position_ids, pos)
+            assert torch.equal(
+                batch.label_aligned["mask"], torch.where(inside, 1.0, 0.0) * (pos + 1 >= 4)
+            )
+        # chunk 0 of sequence 0 on rank 0 ends at position 3; its label is token 4 (rank 1)
+        assert batches[0].labels[0, 3].item() == ids[0, 4].item()
+        labels = local_to_global([b.labels for b in batches], layouts[0], 16)
+        assert torch.equal(labels_to_tokens(labels)[0, 1:], ids[0, 1:])
+        assert (
+            batches[0].packed_seq_params is None
+            if not packed
+            else batches[0].packed_seq_params.qkv_format == "thd"
+        )
+
+
+def test_layout_errors_name_the_problem():
+    with pytest.raises(ValueError, match="length"):
+        build_layout([4, 0], 2, 0, packed=True)
+    with pytest.raises(ValueError, match="cp_rank"):
+        build_layout([4], 2, 2, packed=True)
+    layout = build_layout([4, 6], 2, 0, packed=False)
+    with pytest.raises(ValueError, match="B = 2"):
+        split_to_local(torch.zeros(3, 8), layout)
+    with pytest.raises(ValueError, match="lengths"):
+        build_cp_batch(torch.zeros(2, 8, dtype=torch.long), [4, 5], layout)
+
+
+# ---------------------------------------------------------------- CP scan, ranks simulated
+
+
+def simulated_cp_scan(x, lengths, cp_size, packed, gamma):
+    """Runs the three steps of the CP scan for every rank in one process; returns global F."""
+    layouts = [build_layout(lengths, cp_size, r, packed=packed) for r in range(cp_size)]
+    indices = [ChunkIndex.from_layout(layout) for layout in layouts]
+    locals_ = [split_to_local(x, layout) for layout in layouts]
+    steps = [local_chunk_scan(loc, index, gamma) for loc, index in zip(locals_, indices)]
+    all_totals = torch.stack([totals for _, totals in steps])  # the all-gather
+    outs = [
+        apply_carries(scan, own_carries(all_totals, index, r, gamma), index, loc, gamma)
+        for r, ((scan, _), index, loc) in enumerate(zip(steps, indices, locals_))
+    ]
+    return local_to_global(outs, layouts[0], x.shape[1])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cp_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("gamma", [GAMMA, 0.5, 1.0])
+def test_simulated_cp_scan_equals_global_scan_fp64(packed, cp_size, gamma):
+    x = ragged_input(RAGGED, 140, torch.float64, seed=cp_size)
+    out = simulated_cp_scan(x, RAGGED, cp_size, packed, gamma)
+    torch.testing.assert_close(out, discounted_future_sum(x, gamma), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_simulated_cp_scan_fp32_long(packed):
+    lengths = [5000, 3001, 1]
+    x = ragged_input(lengths, 5000, torch.float32, seed=3)
+    out = simulated_cp_scan(x, lengths, 4, packed, GAMMA)
+    assert out.dtype == torch.float32
+    assert relative_error(out, discounted_future_sum(x.double(), GAMMA)) < 1e-5
+
+
+def test_packed_scan_never_mixes_sequences():
+    """A sequence's F must not change when its packed neighbours do."""
+    lengths = [24, 40, 8]
+    x = ragged_input(lengths, 40, torch.float64, seed=1)
+    y = x.clone()
+    y[0] += 100.0 * (torch.arange(40) < 24)
+    y[2] -= 50.0 * (torch.arange(40) < 8)
+    fx = simulated_cp_scan(x, lengths, 2, True, GAMMA)
+    fy = simulated_cp_scan(y, lengths, 2, True, GAMMA)
+    torch.testing.assert_close(fx[1], fy[1], rtol=0, atol=0)
+
+
+def test_exchange_is_per_chunk_totals_only():
+    layout = build_layout([32768] * 8, 4, 0, packed=False)
+    counted = exchange_bytes(layout, torch.float32)
+    assert counted.scan == 3 * 2 * 8 * 4  # 3 other ranks x 2 chunks x 8 sequences x fp32
+    assert counted.full_gather == 3 * 8 * 8192 * 4
+    assert counted.ratio == 4096
+    assert exchange_bytes(build_layout([10], 1, 0, packed=True)).scan == 0
+
+
+# ---------------------------------------------------------------- gloo process groups
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world_size, port, tasks, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except Exception:  # the parent raises it with the traceback
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class GlooWorld:
+    """``world_size`` spawned processes in one gloo group that run module-level functions."""
+
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results))
+            for r in range(world_size)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, fn, *args, timeout: float = 240.0) -> list:
+        for task_queue in self.tasks:
+            task_queue.put((fn, args))
+        out = [None] * self.world_size
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self.results.get(timeout=timeout)
+            except queue.Empty as error:
+                raise TimeoutError(f"{fn.__name__} did not finish in {timeout}s") from error
+            if not ok:
+                raise AssertionError(f"rank {rank} failed in {fn.__name__}:\n{value}")
+            out[rank] = value
+        return out
+
+    def close(self) -> None:
+        for task_queue in self.tasks:
+            task_queue.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def world2():
+    world = GlooWorld(2)
+    yield world
+    world.close()
+
+
+def _cp_scan_case(lengths, total, packed, dtype, gamma):
+    """On every rank: CP scan of the local chunks, gathered, vs the global single-rank scan."""
+    rank, cp_size = dist.get_rank(), dist.get_world_size()
+    x = ragged_input(lengths, total, dtype, seed=len(lengths) + total)
+    layout = build_layout(lengths, cp_size, rank, packed=packed)
+    future_sum = make_cp_future_sum(layout, dist.group.WORLD)
+    local = future_sum(split_to_local(x, layout), gamma)
+    gathered = gather_to_global(local, layout, total, dist.group.WORLD)
+    expected = discounted_future_sum(x.double(), gamma)
+    return relative_error(gathered, expected), gathered.dtype
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cp2_scan_equals_global_scan(world2, packed):
+    for err, dtype in world2.run(_cp_scan_case, RAGGED, 140, packed, torch.float64, GAMMA):
+        assert dtype == torch.float64 and err < 1e-12, err
+    for err, dtype in world2.run(
+        _cp_scan_case, [4100, 2900, 3], 4100, packed, torch.float32, GAMMA
+    ):
+        assert dtype == torch.float32 and err < 1e-5, err
+
+
+def _influence_weight_case(packed):
+    """The CP scan injected into the FIPO loss gives the single-rank influence weights."""
+    rank, cp_size = dist.get_rank(), dist.get_world_size()
+    lengths, total = [40, 17, 64], 64
+    gen = torch.Generator().manual_seed(7)
+    log_ratio = 0.3 * torch.randn(3, total, generator=gen)
+    mask = (torch.rand(3, total, generator=gen) > 0.3).float()
+    mask *= (torch.arange(total) < torch.tensor(lengths).unsqueeze(1)).float()
+    adv = torch.randn(3, 1, generator=gen).expand(3, total).contiguous()
+    config = PolicyLossConfig()
+    f_ref, kl_ref, _ = influence_weights(log_ratio, adv, mask, config)
+    layout = build_layout(lengths, cp_size, rank, packed=packed)
+    args = [split_to_local(t, layout) for t in (log_ratio, adv, mask)]
+    f, kl, _ = influence_weights(*args, config, make_cp_future_sum(layout, dist.group.WORLD))
+    f_ref_local, kl_ref_local = split_to_local(f_ref, layout), split_to_local(kl_ref, layout)
+    return (f - f_ref_local).abs().max().item(), (kl - kl_ref_local).abs().max().item()
+
+
+def test_cp_scan_inside_fipo_influence_weights(world2):
+    for packed in (False, True):
+        for f_err, kl_err in world2.run(_influence_weight_case, packed):
+            assert f_err < 1e-6 and kl_err < 1e-5, (f_err, kl_err)
+
+
+def test_cp_scan_refuses_grad_and_wrong_shape():
+    layout = build_layout([8], 1, 0, packed=False)
+    future_sum = make_cp_future_sum(layout)
+    with pytest.raises(ValueError, match="detached"):
+        future_sum(torch.zeros(1, 8, requires_grad=True), GAMMA)
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        future_sum(torch.zeros(2, 8), GAMMA)
+    torch.testing.assert_close(
+        future_sum(torch.ones(1, 8, dtype=torch.float64), 0.5),
+        discounted_future_sum(torch.ones(1, 8, dtype=torch.float64), 0.5),
+    )
+
+
+# ---------------------------------------------------------------- CP attention
+
+
+def reference_attention(q, k, v, lengths_padded=None):
+    """Full causal attention ``[S, b, n, d]`` with torch SDPA; per sequence when packed."""
+
+    def sdpa(q, k, v):  # [S, b, n, d] -> [S, b, n * d]
+        out = F.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3),
+            k.permute(1, 2, 0, 3),
+            v.permute(1, 2, 0, 3),
+            is_causal=True,
+            enable_gqa=True,
+        )
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+    if lengths_padded is None:
+        return sdpa(q, k, v)
+    pieces, start = [], 0
+    for length in lengths_padded:
+        end = start + length
+        pieces.append(sdpa(q[start:end], k[start:end], v[start:end]))
+        start = end
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cp_size", [1, 2, 3, 4])
+def test_simulated_cp_attention_matches_full_attention(packed, cp_size):
+    """Every rank's zigzag mask and GQA attention over the gathered keys, ranks simulated in
+    one process (the gather is a concatenation): outputs and q/k/v grads vs SDPA."""
+    from megatron_fipo.megatron.cp_attention import masked_attention, zigzag_causal_mask
+
+    lengths = [24, 9, 40] if packed else [40, 33]
+    layouts = [build_layout(lengths, cp_size, r, packed=packed) for r in range(cp_size)]
+    lead = layouts[0]
+    cu = lead.cu_seqlens_padded if packed else None
+    rows = 1 if packed else len(lengths)
+    width = sum(lead.padded_lengths) if packed else lead.padded_lengths[0]
+    gen = torch.Generator().manual_seed(cp_size)
+    full = {
+        n: torch.randn(width, rows, h, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        for n, h in (("q", 4), ("k", 2), ("v", 2))
+    }
+    weight = torch.randn(width, rows, 32, generator=gen, dtype=torch.float64)
+    ref = reference_attention(*(full[n] for n in "qkv"), lead.padded_lengths if packed else None)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), [full[n] for n in "qkv"])
+    # the global row index of each local token, per rank
+    if packed:
+        starts = lead.cu_seqlens_padded[:-1].long()
+        picks = [(starts[lay.sequence_index] + lay.positions)[0] for lay in layouts]
+    else:
+        picks = [lay.positions[0] for lay in layouts]
+    keys = torch.cat([full["k"][p] for p in picks])
+    values = torch.cat([full["v"][p] for p in picks])
+    out = torch.zeros_like(ref)
+    for rank, pick in enumerate(picks):
+        allowed = zigzag_causal_mask(len(pick), cp_size, rank, cu)
+        out = out.index_put(
+            (pick,), masked_attention(full["q"][pick], keys, values, allowed, 8**-0.5)
+        )
+    grads = torch.autograd.grad((out * weight).sum(), [full[n] for n in "qkv"])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def _attention_module(cp_size, heads, groups, head_dim, cp_group):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_fipo.megatron.cp_attention import ContextParallelAttention
+
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        context_parallel_size=cp_size,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    tp_groups = [dist.new_group([r], backend="gloo") for r in range(dist.get_world_size())]
+    pgs = ProcessGroupCollection(tp=tp_groups[dist.get_rank()], cp=cp_group)
+    return ContextParallelAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgs)
+
+
+def _to_local(t, layout):
+    """``[S, b, h, d]`` (b sequences, or one packed row of sequences) -> local ``[s, b, h, d]``."""
+    return split_to_local(t.transpose(0, 1), layout).transpose(0, 1)
+
+
+def _attention_case(packed, dtype, heads=4, groups=2, head_dim=8):
+    """Forward and grads (q, k, v) of CP attention vs full single-process attention."""
+    rank, cp_size = dist.get_rank(), dist.get_world_size()
+    lengths = [24, 9, 40] if packed else [40, 40]
+    layout = build_layout(lengths, cp_size, rank, packed=packed)
+    total = max(layout.padded_lengths)
+    gen = torch.Generator().manual_seed(11)
+    batch = len(lengths)
+    shapes = {"q": heads, "k": groups, "v": groups}
+    full = {
+        n: torch.randn(total, batch, h, head_dim, generator=gen, dtype=dtype)
+        for n, h in shapes.items()
+    }
+    weight = torch.randn(total, batch, heads * head_dim, generator=gen, dtype=dtype)
+    module = _attention_module(cp_size, heads, groups, head_dim, dist.group.WORLD)
+    local = {n: _to_local(t, layout).detach().requires_grad_() for n, t in full.items()}
+    if packed:  # "thd": one row [t, h, d] of every sequence's local chunks
+        from megatron_fipo.megatron.context_parallel import make_packed_seq_params
+
+        params = make_packed_seq_params(layout)
+        out = module(*(local[n].squeeze(1) for n in "qkv"), None, packed_seq_params=params)
+        out = out.unsqueeze(1)
+    else:
+        out = module(local["q"], local["k"], local["v"], None)
+    (out * _to_local(weight, layout)).sum().backward()
+
+    ref_in = {n: t.clone().requires_grad_() for n, t in full.items()}
+    if packed:  # the reference packs the padded sequences one after another
+
+        def pack(t):
+            return torch.cat([t[:p, i] for i, p in enumerate(layout.padded_lengths)]).unsqueeze(1)
+
+        ref_in = {n: pack(t).detach().requires_grad_() for n, t in full.items()}
+        ref = reference_attention(*(ref_in[n] for n in "qkv"), layout.padded_lengths)
+        (ref * pack(weight)).sum().backward()
+        unpack = [
+            slice(a, b)
+            for a, b in zip(
+                layout.cu_seqlens_padded[:-1].tolist(), layout.cu_seqlens_padded[1:].tolist()
+            )
+        ]
+
+        def to_global(t):  # packed [sum P, 1, ...] -> [B, T, ...] padded with zeros
+            out = torch.zeros(batch, total, *t.shape[2:], dtype=t.dtype)
+            for i, piece in enumerate(unpack):
+                out[i, : piece.stop - piece.start] = t[piece, 0]
+            return out
+    else:
+        ref = reference_attention(*(ref_in[n] for n in "qkv"))
+        (ref * weight).sum().backward()
+
+        def to_global(t):
+            return t.transpose(0, 1)
+
+    errors = {}
+    pairs = {"out": (out.detach(), ref.detach())}
+    pairs.update({f"d{n}": (local[n].grad, ref_in[n].grad) for n in "qkv"})
+    for name, (mine, theirs) in pairs.items():
+        gathered = gather_to_global(mine.transpose(0, 1), layout, total, dist.group.WORLD)
+        errors[name] = (gathered - to_global(theirs)).abs().max().item()
+    return errors
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cp2_attention_matches_full_attention(world2, packed, dtype, tol):
+    for errors in world2.run(_attention_case, packed, dtype):
+        assert max(errors.values()) < tol, errors
+
+
+def test_attention_refuses_unsupported_inputs(world2):
+    for message in world2.run(_refusal_case):
+        assert message == "ok", message
+
+
+def _refusal_case():
+    module = _attention_module(dist.get_world_size(), 2, 2, 4, dist.group.WORLD)
+    q = torch.zeros(4, 1, 2, 4)
+    try:
+        module(q, q, q, None, attention_bias=torch.zeros(1))
+    except ValueError as error:
+        if "attention_bias" not in str(error):
+            return f"wrong message: {error}"
+    else:
+        return "attention_bias accepted"
+    try:
+        module(torch.zeros(3, 1, 2, 4), q[:3], q[:3], None)
+    except ValueError as error:
+        return "ok" if "even" in str(error) else f"wrong message: {error}"
+    return "odd local length accepted"
+
+
+# ---------------------------------------------------------------- CP = 4 (one cheap case)
+
+
+def _cp4_scan_case():
+    errors = []
+    for packed in (False, True):
+        errors.append(_cp_scan_case([50, 7, 33], 50, packed, torch.float64, GAMMA)[0])
+        errors.append(_cp_scan_case([300, 41], 300, packed, torch.float32, GAMMA)[0])
+    return errors
+
+
+def test_cp4_scan_over_gloo():
+    """Four processes (on two cores): the scan only; CP = 4 attention is simulated above."""
+    world = GlooWorld(4)
+    try:
+        results = world.run(_cp4_scan_case)
+    finally:
+        world.close()
+    for fp64_a, fp32_a, fp64_b, fp32_b in results:
+        assert max(fp64_a, fp64_b) < 1e-12 and max(fp32_a, fp32_b) < 1e-5

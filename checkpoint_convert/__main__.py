@@ -21,7 +21,9 @@ def _size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fipo-convert", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_megatron = commands.add_parser("hf-to-megatron", help="HF safetensors -> Megatron torch_dist")
+    to_megatron = commands.add_parser(
+        "hf-to-megatron", help="HF safetensors -> Megatron torch_dist"
+    )
     to_megatron.add_argument("--hf-dir", type=Path, required=True)
     to_megatron.add_argument("--output-dir", type=Path, required=True)
     to_megatron.add_argument("--force", action="store_true", help="replace a non-empty output dir")
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-megatron":
             from checkpoint_convert.convert import hf_to_megatron
 
-            hf_to_megatron(args.hf_dir, args.output_dir, force=args.force, progress=not args.no_progress)
+            hf_to_megatron(
+                args.hf_dir, args.output_dir, force=args.force, progress=not args.no_progress
+            )
             print(f"wrote Megatron checkpoint {args.output_dir}")
         elif args.command == "megatron-to-hf":
             import torch
@@ -91,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"max_abs_logit_diff={result.max_abs_diff:.3e} mean_kl={result.mean_kl:.3e}")
             if result.max_abs_diff > args.tolerance:
-                print(f"FAILED: max abs logit diff above tolerance {args.tolerance}", file=sys.stderr)
+                print(
+                    f"FAILED: max abs logit diff above tolerance {args.tolerance}", file=sys.stderr
+                )
                 return 1
             print("OK")
     except ConversionError as error:

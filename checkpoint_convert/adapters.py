@@ -100,10 +100,14 @@ class ModelDims:
             )
         for field in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
             if not isinstance(config.get(field), int) or config[field] < 1:
-                raise ConversionError(f"config.{field} must be a positive int, got {config.get(field)!r}")
+                raise ConversionError(
+                    f"config.{field} must be a positive int, got {config.get(field)!r}"
+                )
         for field in ("intermediate_size", "vocab_size"):
             if not isinstance(config.get(field), int) or config[field] < 1:
-                raise ConversionError(f"config.{field} must be a positive int, got {config.get(field)!r}")
+                raise ConversionError(
+                    f"config.{field} must be a positive int, got {config.get(field)!r}"
+                )
         heads = config["num_attention_heads"]
         groups = _get(config, "num_key_value_heads", heads)
         if heads % groups:
@@ -207,7 +211,9 @@ def offset_layer_name(megatron_name: str, layer_offset: int) -> str:
     layer, suffix = split_layer_name(megatron_name)
     if layer is None:
         return megatron_name
-    return megatron_name.replace(f"decoder.layers.{layer}.", f"decoder.layers.{layer + layer_offset}.", 1)
+    return megatron_name.replace(
+        f"decoder.layers.{layer}.", f"decoder.layers.{layer + layer_offset}.", 1
+    )
 
 
 _TP_DIM = {QKV_WEIGHT: 0, QKV_BIAS: 0, PROJ_WEIGHT: 1, FC2_WEIGHT: 1, EMBEDDING: 0, OUTPUT: 0}
@@ -316,7 +322,9 @@ class Adapter:
             }
         else:
             if not 0 <= layer < self.dims.num_layers:
-                raise ConversionError(f"{megatron_name!r}: layer {layer} outside [0, {self.dims.num_layers})")
+                raise ConversionError(
+                    f"{megatron_name!r}: layer {layer} outside [0, {self.dims.num_layers})"
+                )
             attn, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
             sources = {
                 QKV_NORM: [f"model.layers.{layer}.input_layernorm.weight"],
@@ -348,7 +356,9 @@ class Adapter:
             return pad_vocab(tensors[0], self.dims.padded_vocab_size)
         return tensors[0]
 
-    def megatron_to_hf(self, megatron_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def megatron_to_hf(
+        self, megatron_name: str, tensor: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
         """One Megatron tensor (global layout: TP shards merged with :func:`merge_tensor_parallel`,
         global layer number; local or TE spelling) -> its HF ``(name, tensor)`` pairs, vocab
         padding stripped. With tied embeddings ``output_layer.weight`` maps to nothing."""
@@ -387,7 +397,9 @@ class Qwen2Adapter(Adapter):
     @staticmethod
     def check_config(config: Mapping) -> None:
         if config.get("use_sliding_window") and config.get("sliding_window"):
-            raise ConversionError("config.use_sliding_window=True is not supported by the Megatron model")
+            raise ConversionError(
+                "config.use_sliding_window=True is not supported by the Megatron model"
+            )
 
 
 class LlamaAdapter(Adapter):

@@ -65,7 +65,9 @@ def staged_output(output_dir: Path, force: bool, sources: tuple[Path, ...] = ())
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"output path {output_dir} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
-        raise ConversionError(f"output directory {output_dir} is not empty (pass --force to replace it)")
+        raise ConversionError(
+            f"output directory {output_dir} is not empty (pass --force to replace it)"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
@@ -97,7 +99,9 @@ def _check_hf_tensors(adapter: Adapter, reader: SafetensorsReader) -> torch.dtyp
     for name, shape in expected.items():
         info = reader.tensors.get(name)
         if info is None:
-            raise ConversionError(f"tensor {name!r} (required by config.json) is missing from {reader.hf_dir}")
+            raise ConversionError(
+                f"tensor {name!r} (required by config.json) is missing from {reader.hf_dir}"
+            )
         if info.shape != shape:
             raise ConversionError(
                 f"tensor {name!r} has shape {info.shape} but config.json implies {shape} "
@@ -106,7 +110,9 @@ def _check_hf_tensors(adapter: Adapter, reader: SafetensorsReader) -> torch.dtyp
     for name in reader.tensors.keys() - expected.keys():
         tied_head = name == "lm_head.weight" and adapter.dims.tie_embeddings
         if not tied_head and not name.endswith(_IGNORED_HF_SUFFIXES):
-            raise ConversionError(f"unexpected tensor {name!r} in {reader.hf_dir} (not in a {adapter.dims.model_type} model with this config)")
+            raise ConversionError(
+                f"unexpected tensor {name!r} in {reader.hf_dir} (not in a {adapter.dims.model_type} model with this config)"
+            )
     dtypes = {reader.tensors[name].dtype for name in expected}
     if len(dtypes) != 1:
         raise ConversionError(f"mixed dtypes in {reader.hf_dir}: {sorted(map(str, dtypes))}")
@@ -117,7 +123,9 @@ def _layer_name(spec: MegatronTensorSpec, layer: int) -> str:
     return spec.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
 
 
-def _plan_chunks(adapter: Adapter, reader: SafetensorsReader, dtype: torch.dtype, bar: tqdm) -> list[ChunkWrite]:
+def _plan_chunks(
+    adapter: Adapter, reader: SafetensorsReader, dtype: torch.dtype, bar: tqdm
+) -> list[ChunkWrite]:
     """One ChunkWrite per (tensor, layer), layer-major so HF shards are read mostly in order."""
 
     def producer(name: str, per_layer: bool):
@@ -163,7 +171,9 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def hf_to_megatron(hf_dir: Path, output_dir: Path, *, force: bool = False, progress: bool = True) -> Path:
+def hf_to_megatron(
+    hf_dir: Path, output_dir: Path, *, force: bool = False, progress: bool = True
+) -> Path:
     """Convert an HF checkpoint directory to a megatron-core ``torch_dist`` checkpoint."""
     hf_dir = Path(hf_dir)
     config = read_config(hf_dir / "config.json")
@@ -173,15 +183,24 @@ def hf_to_megatron(hf_dir: Path, output_dir: Path, *, force: bool = False, progr
         total = sum(reader.tensors[n].nbytes for n in adapter.hf_shapes())
         with (
             staged_output(output_dir, force, sources=(hf_dir,)) as staging,
-            tqdm(total=total, unit="B", unit_scale=True, desc="hf->megatron", disable=not progress) as bar,
+            tqdm(
+                total=total, unit="B", unit_scale=True, desc="hf->megatron", disable=not progress
+            ) as bar,
         ):
             layers = adapter.dims.num_layers
             objects = [
-                ObjectWrite(sharded_object_key(f"decoder.layers.{module}._extra_state", (layer,), (layers,)), None)
+                ObjectWrite(
+                    sharded_object_key(
+                        f"decoder.layers.{module}._extra_state", (layer,), (layers,)
+                    ),
+                    None,
+                )
                 for layer in range(layers)
                 for module in EXTRA_STATE_MODULES
             ]
-            write_dist_checkpoint(staging, _plan_chunks(adapter, reader, dtype, bar), objects, common={})
+            write_dist_checkpoint(
+                staging, _plan_chunks(adapter, reader, dtype, bar), objects, common={}
+            )
             _copy_side_files(hf_dir, staging / HF_CONFIG_DIR)
             info = {
                 "model_type": adapter.dims.model_type,
@@ -197,7 +216,9 @@ def hf_to_megatron(hf_dir: Path, output_dir: Path, *, force: bool = False, progr
 # ---------------------------------------------------------------- Megatron -> HF
 
 
-def _check_megatron_tensors(adapter: Adapter, reader: DistCheckpointReader) -> dict[str, torch.dtype]:
+def _check_megatron_tensors(
+    adapter: Adapter, reader: DistCheckpointReader
+) -> dict[str, torch.dtype]:
     """Every expected key present with the shape the config implies; returns dtypes by key."""
     dims, dtypes = adapter.dims, {}
     for spec in adapter.megatron_specs():
@@ -214,7 +235,9 @@ def _check_megatron_tensors(adapter: Adapter, reader: DistCheckpointReader) -> d
                 f"Megatron tensor {spec.key!r} has shape {actual} but the config implies {expected}"
             )
         if entry.properties.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConversionError(f"Megatron tensor {spec.key!r} has unsupported dtype {entry.properties.dtype}")
+            raise ConversionError(
+                f"Megatron tensor {spec.key!r} has unsupported dtype {entry.properties.dtype}"
+            )
         dtypes[spec.key] = entry.properties.dtype
     return dtypes
 
@@ -238,7 +261,9 @@ def _megatron_blocks(adapter: Adapter, reader: DistCheckpointReader) -> Iterator
         yield spec.key, spec.key, (0,) * len(size), size, False
 
 
-def _hf_plan(adapter: Adapter, dtypes: dict[str, torch.dtype], dtype: torch.dtype | None) -> list[PlannedTensor]:
+def _hf_plan(
+    adapter: Adapter, dtypes: dict[str, torch.dtype], dtype: torch.dtype | None
+) -> list[PlannedTensor]:
     key_of = {}
     for spec in adapter.megatron_specs():
         for layer in range(adapter.dims.num_layers) if spec.per_layer else [None]:
@@ -275,7 +300,9 @@ def megatron_to_hf(
     total = sum(p.nbytes for p in planned)
     with (
         staged_output(output_dir, force, sources=(megatron_dir, side_dir)) as staging,
-        tqdm(total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress) as bar,
+        tqdm(
+            total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress
+        ) as bar,
     ):
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         writers = [ShardWriter(staging / n, shard) for n, shard in zip(names, shards)]
@@ -296,4 +323,3 @@ def megatron_to_hf(
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
         _copy_side_files(side_dir, staging)
     return Path(output_dir)
-

@@ -89,7 +89,8 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._chunks = {(c.key, c.offsets): c for c in chunks}
         self._objects = {o.unique_key: o for o in objects}
         self._items = [self._tensor_item(c) for c in chunks] + [
-            WriteItem(index=MetadataIndex(o.unique_key), type=WriteItemType.BYTE_IO) for o in objects
+            WriteItem(index=MetadataIndex(o.unique_key), type=WriteItemType.BYTE_IO)
+            for o in objects
         ]
 
     @staticmethod
@@ -128,7 +129,9 @@ def write_dist_checkpoint(
 ) -> None:
     """Write a megatron-core ``torch_dist`` checkpoint into ``directory`` (which must exist)."""
     # One writer thread and one file: items are written in plan order, one at a time.
-    writer = FileSystemWriter(str(directory), single_file_per_rank=True, sync_files=False, thread_count=1)
+    writer = FileSystemWriter(
+        str(directory), single_file_per_rank=True, sync_files=False, thread_count=1
+    )
     dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects), no_dist=True)
     torch.save(common, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(MCORE_METADATA))
@@ -167,7 +170,9 @@ class DistCheckpointReader:
         if not (self.directory / ".metadata").is_file():
             raise ConversionError(f"{self.directory} is not a torch_dist checkpoint (no .metadata)")
         config = self.directory / "metadata.json"
-        backend = json.loads(config.read_text()).get("sharded_backend") if config.is_file() else None
+        backend = (
+            json.loads(config.read_text()).get("sharded_backend") if config.is_file() else None
+        )
         if backend != "torch_dist":
             raise ConversionError(
                 f"{self.directory}: sharded_backend={backend!r} in metadata.json, expected 'torch_dist'"
@@ -179,7 +184,9 @@ class DistCheckpointReader:
     def tensor_metadata(self, key: str) -> TensorStorageMetadata:
         entry = self.metadata.state_dict_metadata.get(key)
         if not isinstance(entry, TensorStorageMetadata):
-            raise ConversionError(f"tensor {key!r} missing from the Megatron checkpoint {self.directory}")
+            raise ConversionError(
+                f"tensor {key!r} missing from the Megatron checkpoint {self.directory}"
+            )
         return entry
 
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:

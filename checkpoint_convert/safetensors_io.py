@@ -124,11 +124,15 @@ class SafetensorsReader:
             headers = {f: read_header(self.hf_dir / f) for f in files}
             for name, file in weight_map.items():
                 if name not in headers[file]:
-                    raise ConversionError(f"tensor {name!r} is in {index.name} but not in shard {file}")
+                    raise ConversionError(
+                        f"tensor {name!r} is in {index.name} but not in shard {file}"
+                    )
                 self.tensors[name] = headers[file][name]
             for file, header in headers.items():
                 for name in header.keys() - weight_map.keys():
-                    raise ConversionError(f"tensor {name!r} in shard {file} is missing from {index.name}")
+                    raise ConversionError(
+                        f"tensor {name!r} in shard {file} is missing from {index.name}"
+                    )
         elif (self.hf_dir / SINGLE_FILE).is_file():
             self.tensors = read_header(self.hf_dir / SINGLE_FILE)
         else:
@@ -205,7 +209,9 @@ class ShardWriter:
     def close(self) -> None:
         os.close(self._fd)
         if self._pending:
-            raise ConversionError(f"{self.path.name}: tensors never written: {sorted(self._pending)}")
+            raise ConversionError(
+                f"{self.path.name}: tensors never written: {sorted(self._pending)}"
+            )
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

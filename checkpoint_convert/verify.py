@@ -1,0 +1,166 @@
+"""Numeric check of a conversion: the same tokens through transformers and through the Megatron
+model loaded from the dist checkpoint (``megatron.core.dist_checkpointing.load``) under a chosen
+TP/PP layout, in fp32.
+
+Reports the max absolute logit difference over the real vocabulary and the mean (over positions)
+``KL(p_hf || p_megatron)``. :func:`verify` spawns ``tp * pp`` gloo processes; inside an existing
+world (tests share one), call :func:`verify_in_process` on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_convert.adapters import ConversionError
+from checkpoint_convert.convert import HF_CONFIG_DIR, read_config
+
+
+@dataclass(kw_only=True, slots=True)
+class VerifyConfig:
+    hf_dir: Path
+    """HF checkpoint (the reference, run with transformers)."""
+    megatron_dir: Path
+    """torch_dist checkpoint; its ``hf_config/config.json`` (else the HF one) builds the model."""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    batch_size: int = 2
+    seq_len: int = 16
+    seed: int = 0
+    """Seed of the random token batch ``[batch_size, seq_len]``."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    max_abs_diff: float
+    mean_kl: float
+
+
+def _model_config(config: VerifyConfig) -> dict:
+    recorded = Path(config.megatron_dir) / HF_CONFIG_DIR / "config.json"
+    return read_config(recorded if recorded.is_file() else Path(config.hf_dir) / "config.json")
+
+
+def _load_megatron(hf_config: dict, config: VerifyConfig):
+    from megatron.core import dist_checkpointing
+
+    from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.distributed import ParallelConfig
+
+    parallel = ParallelConfig(
+        tensor_parallel=config.tensor_parallel, pipeline_parallel=config.pipeline_parallel
+    )
+    transformer_config = model_lib.transformer_config_from_hf(
+        hf_config, parallel, dtype=torch.float32
+    )
+    (chunk,) = model_lib.build_model_chunks(hf_config, transformer_config)
+    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(config.megatron_dir))
+    chunk.load_state_dict(state)
+    return chunk.eval()
+
+
+def _megatron_logits(chunk, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Full-vocab logits ``[B, S, V]`` on the last pipeline stage, None elsewhere.
+
+    Pipeline stages hand hidden states ``[S, B, H]`` on with plain send / recv: a forward-only
+    check needs no schedule.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_fipo.megatron.model import causal_attention_mask
+
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    mask = causal_attention_mask(seq)
+    group = ps.get_pipeline_model_parallel_group()
+    if not ps.is_pipeline_first_stage():
+        hidden = torch.empty(seq, batch, chunk.config.hidden_size)
+        dist.recv(hidden, group_src=ps.get_pipeline_model_parallel_rank() - 1, group=group)
+        chunk.set_input_tensor(hidden)
+    output = chunk(input_ids=tokens, position_ids=positions, attention_mask=mask)
+    if not ps.is_pipeline_last_stage():
+        dist.send(
+            output.contiguous(), group_dst=ps.get_pipeline_model_parallel_rank() + 1, group=group
+        )
+        return None
+    tp_group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(output) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, output.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)[..., :vocab_size]
+
+
+@torch.no_grad()
+def verify_in_process(config: VerifyConfig) -> VerifyResult:
+    """Run on every rank of an initialised world (size divisible by tp * pp); same result on all."""
+    import transformers
+
+    from megatron_fipo.megatron import distributed as dist_lib
+
+    hf_config = _model_config(config)
+    dist_lib.init_distributed(
+        dist_lib.ParallelConfig(
+            tensor_parallel=config.tensor_parallel, pipeline_parallel=config.pipeline_parallel
+        )
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    tokens = torch.randint(
+        0, hf_config["vocab_size"], (config.batch_size, config.seq_len), generator=generator
+    )
+    try:
+        logits = _megatron_logits(
+            _load_megatron(hf_config, config), tokens, hf_config["vocab_size"]
+        )
+    finally:
+        dist_lib.destroy()
+    summary = torch.zeros(2, dtype=torch.float64)
+    if logits is not None:
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            config.hf_dir, dtype=torch.float32
+        )
+        expected = reference.eval()(tokens).logits.float()
+        log_p, log_q = expected.log_softmax(-1), logits.float().log_softmax(-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        summary = torch.tensor(
+            [(expected - logits).abs().max().item(), kl.item()], dtype=torch.float64
+        )
+    dist.all_reduce(summary, op=dist.ReduceOp.MAX)
+    return VerifyResult(max_abs_diff=summary[0].item(), mean_kl=summary[1].item())
+
+
+def _worker(rank: int, world_size: int, port: int, config: VerifyConfig, result_path: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    from megatron_fipo.megatron import distributed as dist_lib
+
+    result = verify_in_process(config)
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(asdict(result)))
+    dist_lib.destroy(process_group=True)
+
+
+def verify(config: VerifyConfig) -> VerifyResult:
+    """Spawn ``tp * pp`` gloo processes on this machine and return the comparison."""
+    import torch.multiprocessing as mp
+
+    from megatron_fipo.megatron.distributed import _free_port
+
+    for path in (config.hf_dir, config.megatron_dir):
+        if not Path(path).is_dir():
+            raise ConversionError(f"no such directory: {path}")
+    world_size = config.tensor_parallel * config.pipeline_parallel
+    with tempfile.TemporaryDirectory() as scratch:
+        result_path = os.path.join(scratch, "result.json")
+        mp.spawn(_worker, args=(world_size, _free_port(), config, result_path), nprocs=world_size)
+        return VerifyResult(**json.loads(Path(result_path).read_text()))

@@ -47,6 +47,23 @@ def test_chunked_equals_unchunked_single_rank(chunk_size, temperature):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_padded_vocab_columns_are_ignored():
+    hidden, weight, targets, grad_lp, grad_ent = _inputs(dtype=torch.float32)
+    targets = targets % 200
+
+    def chunked(h, w):
+        return chunked_log_probs(h, w, targets, chunk_size=9, vocab_size=200)
+
+    def reference(h, w):
+        return log_probs_from_logits(h @ w.t(), targets, vocab_size=200)
+
+    got = _grads(chunked, hidden, weight, grad_lp, grad_ent)
+    want = _grads(reference, hidden, weight, grad_lp, grad_ent)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert float(got[3][200:].abs().max()) == 0.0  # padded rows get no gradient
+
+
 def test_leading_shape_and_bad_input():
     hidden, weight, targets, *_ = _inputs(dtype=torch.float32)
     log_probs, entropy = chunked_log_probs(
@@ -60,7 +77,7 @@ def test_leading_shape_and_bad_input():
         chunked_log_probs(hidden, weight, targets[:5])
 
 
-def _tp_case(rank, world_size, chunk_size, temperature):
+def _tp_case(rank, world_size, chunk_size, temperature, vocab_size):
     from megatron_fipo.megatron.distributed import ParallelConfig, destroy, init_distributed
 
     init_distributed(ParallelConfig(tensor_parallel=world_size))
@@ -69,11 +86,16 @@ def _tp_case(rank, world_size, chunk_size, temperature):
         local = VOCAB // world_size
         shard = weight[rank * local : (rank + 1) * local]
 
-        def chunked(h, w):
-            return chunked_log_probs(h, w, targets, temperature=temperature, chunk_size=chunk_size)
+        targets = targets % vocab_size
 
-        def reference(h, w):  # full vocabulary on one rank, plain torch
-            log_softmax = torch.log_softmax((h @ w.t()).float() / temperature, dim=-1)
+        def chunked(h, w):
+            return chunked_log_probs(
+                h, w, targets, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size
+            )
+
+        def reference(h, w):  # the unpadded vocabulary on one rank, plain torch
+            logits = (h @ w[:vocab_size].t()).float() / temperature
+            log_softmax = torch.log_softmax(logits, dim=-1)
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             return log_softmax.gather(-1, targets[:, None]).squeeze(-1), entropy
 
@@ -91,7 +113,10 @@ def world2():
         yield world
 
 
-@pytest.mark.parametrize("chunk_size,temperature", [(8, 1.0), (1000, 0.6)])
-def test_tp2_equals_single_rank(world2, chunk_size, temperature):
-    for diffs in world2.run(_tp_case, chunk_size, temperature):
+@pytest.mark.parametrize(
+    "chunk_size,temperature,vocab_size",
+    [(8, 1.0, VOCAB), (1000, 0.6, VOCAB), (7, 1.0, 200), (16, 0.8, 100)],  # 100: rank 1 all padding
+)
+def test_tp2_equals_single_rank(world2, chunk_size, temperature, vocab_size):
+    for diffs in world2.run(_tp_case, chunk_size, temperature, vocab_size):
         assert max(diffs) < 1e-5, diffs

@@ -137,6 +137,7 @@ class MegatronActor:
         self.config = actor or ActorConfig()
         self.optim_config = optimizer or ActorOptimizerConfig()
         self.loss_config = loss or PolicyLossConfig()
+        self.vocab_size = int(model_lib.hf_value(hf_config, "vocab_size"))
         self.data_parallel_size = init_distributed(parallel, seed=self.config.seed)
         self.transformer_config = model_lib.transformer_config_from_hf(
             hf_config,
@@ -305,6 +306,7 @@ class MegatronActor:
             micro["targets"].t(),
             temperature=self.config.temperature,
             chunk_size=self.config.logprob_chunk_size,
+            vocab_size=self.vocab_size,
         )
         return log_probs.t(), entropy.t()
 

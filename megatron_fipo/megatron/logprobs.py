@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_CHUNK_SIZE = 1024
+# Logit given to padded vocab columns: exp() underflows to exactly 0, and unlike -inf it
+# keeps 0 * logit finite in the entropy terms.
+_MASKED_LOGIT = -1e30
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -32,6 +35,15 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
 def _vocab_range(local_vocab: int, group) -> tuple[int, int]:
     rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
     return rank * local_vocab, (rank + 1) * local_vocab
+
+
+def _mask_padding(logits: torch.Tensor, vocab_size: int | None, group) -> torch.Tensor:
+    """Drops the padded vocab columns (global id >= ``vocab_size``) from the softmax, so the
+    result matches the unpadded HF model whatever padding the TP layout used."""
+    start, end = _vocab_range(logits.shape[-1], group)
+    if vocab_size is not None and end > vocab_size:
+        logits[:, max(vocab_size - start, 0) :] = _MASKED_LOGIT
+    return logits
 
 
 def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, group) -> tuple:
@@ -57,13 +69,14 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """Autograd for chunked log-probs/entropy; the backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, group):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, group, vocab_size):
         num_tokens = hidden.shape[0]
         log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(log_probs)
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = (hidden[rows].float() @ weight.float().t()) / temperature
+            logits = _mask_padding(logits, vocab_size, group)
             _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
                 logits, targets[rows], group
             )
@@ -71,6 +84,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             entropy[rows] = log_z - mean_logit
         ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
+        ctx.vocab_size = vocab_size
         return log_probs, entropy
 
     @staticmethod
@@ -83,6 +97,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             hidden32 = hidden[rows].float()
             logits = (hidden32 @ weight32.t()) / ctx.temperature
+            logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
             probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
                 logits, targets[rows], ctx.group
             )
@@ -95,7 +110,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
             grad_logits /= ctx.temperature
             grad_hidden[rows] = grad_logits @ weight32
             grad_weight += grad_logits.t() @ hidden32
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+        grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
+        return (*grads, None, None, None, None, None)
 
 
 def _tp_group(group):
@@ -116,12 +132,14 @@ def chunked_log_probs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     group=None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy ``([...], [...])`` fp32 of ``targets`` from hidden states.
 
     ``hidden``: ``[..., H]`` final hidden states (any leading shape, e.g. ``[S, B]``);
     ``weight``: this rank's output-layer slice ``[V / TP, H]``; ``targets``: ``[...]`` token ids
-    in the full (padded) vocabulary; ``group``: the TP group (default: Megatron's).
+    in the full (padded) vocabulary; ``group``: the TP group (default: Megatron's);
+    ``vocab_size``: the true vocabulary size (columns past it are padding and ignored).
     Gradients flow to ``hidden`` (summed over TP ranks, as a column-parallel layer's input
     gradient must be) and to ``weight``.
     """
@@ -145,12 +163,18 @@ def chunked_log_probs(
         float(temperature),
         int(chunk_size),
         group,
+        vocab_size,
     )
     return log_probs.view(lead), entropy.view(lead)
 
 
 def log_probs_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, group=None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    group=None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (unchunked) log-probs and entropy from vocab-parallel logits ``[..., V / TP]``.
 
@@ -162,6 +186,8 @@ def log_probs_from_logits(
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         logits = gather_from_tensor_model_parallel_region(logits)
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
     log_softmax = torch.log_softmax(logits, dim=-1)
     log_probs = log_softmax.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)

@@ -39,14 +39,15 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _hf_get(hf_config: Any, key: str, default: Any = None) -> Any:
+def hf_value(hf_config: Any, key: str, default: Any = None) -> Any:
+    """``hf_config[key]`` for a dict or a transformers ``PretrainedConfig``."""
     if isinstance(hf_config, Mapping):
         return hf_config.get(key, default)
     return getattr(hf_config, key, default)
 
 
 def _model_type(hf_config: Any) -> str:
-    model_type = _hf_get(hf_config, "model_type")
+    model_type = hf_value(hf_config, "model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"hf_config.model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
@@ -60,7 +61,7 @@ def rope_scaling_factor(hf_config: Any) -> float | None:
     Megatron's built-in scaling is the Llama-3.1 rule with low/high frequency factors 1 / 4 and
     8192 original positions, so only that exact rule is accepted.
     """
-    scaling = _hf_get(hf_config, "rope_scaling")
+    scaling = hf_value(hf_config, "rope_scaling")
     if not scaling:
         return None
     rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -101,27 +102,27 @@ def transformer_config_from_hf(
     model_type = _model_type(hf_config)
     if fp8 is not None and spec != "te":
         raise ValueError(f"fp8={fp8!r} needs spec='te' (TransformerEngine), got spec={spec!r}")
-    num_heads = _hf_get(hf_config, "num_attention_heads")
-    hidden = _hf_get(hf_config, "hidden_size")
-    qkv_bias = True if model_type == "qwen2" else bool(_hf_get(hf_config, "attention_bias", False))
-    if model_type == "llama" and _hf_get(hf_config, "mlp_bias", False):
+    num_heads = hf_value(hf_config, "num_attention_heads")
+    hidden = hf_value(hf_config, "hidden_size")
+    qkv_bias = True if model_type == "qwen2" else bool(hf_value(hf_config, "attention_bias", False))
+    if model_type == "llama" and hf_value(hf_config, "mlp_bias", False):
         raise ValueError(
             "hf_config.mlp_bias=True is not supported (Megatron biases all linears together)"
         )
     kwargs = dict(
-        num_layers=_hf_get(hf_config, "num_hidden_layers"),
+        num_layers=hf_value(hf_config, "num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=_hf_get(hf_config, "intermediate_size"),
+        ffn_hidden_size=hf_value(hf_config, "intermediate_size"),
         num_attention_heads=num_heads,
-        num_query_groups=_hf_get(hf_config, "num_key_value_heads") or num_heads,
-        kv_channels=_hf_get(hf_config, "head_dim") or hidden // num_heads,
+        num_query_groups=hf_value(hf_config, "num_key_value_heads") or num_heads,
+        kv_channels=hf_value(hf_config, "head_dim") or hidden // num_heads,
         normalization="RMSNorm",
-        layernorm_epsilon=_hf_get(hf_config, "rms_norm_eps", 1e-6),
+        layernorm_epsilon=hf_value(hf_config, "rms_norm_eps", 1e-6),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=qkv_bias,
-        init_method_std=_hf_get(hf_config, "initializer_range", 0.02),
+        init_method_std=hf_value(hf_config, "initializer_range", 0.02),
         attention_dropout=0.0,
         hidden_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor_parallel,
@@ -203,19 +204,19 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     _model_type(hf_config)
-    vocab = padded_vocab_size(_hf_get(hf_config, "vocab_size"), config.tensor_model_parallel_size)
+    vocab = padded_vocab_size(hf_value(hf_config, "vocab_size"), config.tensor_model_parallel_size)
     scaling = rope_scaling_factor(hf_config)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(spec, config.context_parallel_size),
         vocab_size=vocab,
-        max_sequence_length=_hf_get(hf_config, "max_position_embeddings", 4096),
+        max_sequence_length=hf_value(hf_config, "max_position_embeddings", 4096),
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=bool(_hf_get(hf_config, "tie_word_embeddings", False)),
+        share_embeddings_and_output_weights=bool(hf_value(hf_config, "tie_word_embeddings", False)),
         position_embedding_type="rope",
-        rotary_base=int(_hf_get(hf_config, "rope_theta", 10000)),
+        rotary_base=int(hf_value(hf_config, "rope_theta", 10000)),
         rope_scaling=scaling is not None,
         rope_scaling_factor=scaling or 8.0,
         vp_stage=vp_stage,

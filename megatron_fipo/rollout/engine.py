@@ -10,7 +10,7 @@ paused (memory released) while a colocated trainer runs.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -137,6 +137,29 @@ class RolloutEngine(abc.ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, engines without resources skip it
         """Stop owned processes; the default engine owns none."""
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of named tensors into lists of at most `bucket_bytes` bytes each.
+
+    A tensor larger than the limit forms a bucket of its own. Only one bucket is held at a time,
+    so a lazy input stream keeps peak extra memory at about one bucket.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        num_bytes = tensor.numel() * tensor.element_size()
+        if bucket and size + num_bytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += num_bytes
+    if bucket:
+        yield bucket
 
 
 def validate_requests(requests: Sequence[GenerationRequest]) -> None:

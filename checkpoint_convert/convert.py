@@ -45,7 +45,10 @@ from checkpoint_convert.safetensors_io import (
 )
 
 HF_CONFIG_DIR = "hf_config"
-CONVERT_INFO = "convert_info.json"
+# Names the actor's checkpoints use too (megatron_fipo.megatron.checkpoint): the HF config and
+# a description of what was saved, both beside the torch_dist files.
+ROOT_CONFIG = "config.json"
+CHECKPOINT_META = "fipo_checkpoint.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Buffers some HF checkpoints carry that are not weights.
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -100,7 +103,7 @@ def _check_hf_tensors(adapter: Adapter, reader: SafetensorsReader) -> torch.dtyp
         info = reader.tensors.get(name)
         if info is None:
             raise ConversionError(
-                f"tensor {name!r} (required by config.json) is missing from {reader.hf_dir}"
+                f"tensor {name!r} (required by config.json) is missing from {reader.listing}"
             )
         if info.shape != shape:
             raise ConversionError(
@@ -202,14 +205,16 @@ def hf_to_megatron(
                 staging, _plan_chunks(adapter, reader, dtype, bar), objects, common={}
             )
             _copy_side_files(hf_dir, staging / HF_CONFIG_DIR)
+            shutil.copy2(hf_dir / "config.json", staging / ROOT_CONFIG)
             info = {
+                "kind": "model",
+                "converted_from": str(hf_dir.absolute()),
                 "model_type": adapter.dims.model_type,
                 "vocab_size": adapter.dims.vocab_size,
                 "padded_vocab_size": adapter.dims.padded_vocab_size,
                 "dtype": str(dtype).removeprefix("torch."),
-                "source": str(hf_dir.absolute()),
             }
-            (staging / CONVERT_INFO).write_text(json.dumps(info, indent=2))
+            (staging / CHECKPOINT_META).write_text(json.dumps(info, indent=2))
     return Path(output_dir)
 
 
@@ -288,11 +293,14 @@ def megatron_to_hf(
 ) -> Path:
     """Convert a ``torch_dist`` checkpoint back to HF safetensors (+ index, configs, tokenizer).
 
-    ``hf_config_dir``: where config.json and tokenizer files come from (default: the
-    ``hf_config/`` the import stored). ``dtype``: cast the output (default: stored dtypes).
+    ``hf_config_dir``: where config.json, generation_config.json and tokenizer files come from
+    (default: the ``hf_config/`` an import stored; for checkpoints the actor saved, only the
+    ``config.json`` beside them). ``dtype``: cast the output (default: the stored dtypes).
     """
     megatron_dir = Path(megatron_dir)
     side_dir = Path(hf_config_dir) if hf_config_dir is not None else megatron_dir / HF_CONFIG_DIR
+    if hf_config_dir is None and not side_dir.is_dir():
+        side_dir = megatron_dir  # an actor checkpoint: config.json only
     adapter = adapter_for(read_config(side_dir / "config.json"))
     reader = DistCheckpointReader(megatron_dir)
     planned = _hf_plan(adapter, _check_megatron_tensors(adapter, reader), dtype)
@@ -321,5 +329,8 @@ def megatron_to_hf(
             "weight_map": {p.name: names[i] for i, shard in enumerate(shards) for p in shard},
         }
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        _copy_side_files(side_dir, staging)
+        if side_dir == megatron_dir:
+            shutil.copy2(side_dir / ROOT_CONFIG, staging / ROOT_CONFIG)
+        else:
+            _copy_side_files(side_dir, staging)
     return Path(output_dir)

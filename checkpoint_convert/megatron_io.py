@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,11 @@ def write_dist_checkpoint(
     writer = FileSystemWriter(
         str(directory), single_file_per_rank=True, sync_files=False, thread_count=1
     )
-    dcp_save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects), no_dist=True)
+    with warnings.catch_warnings():
+        # "torch.distributed is disabled ...": a single-process save is exactly the intent.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        planner = _LazySavePlanner(chunks, objects)
+        dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
     torch.save(common, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(MCORE_METADATA))
 

@@ -116,6 +116,8 @@ class SafetensorsReader:
         self.tensors: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
         index = self.hf_dir / INDEX_FILE
+        # What lists the tensors (named in "missing tensor" errors).
+        self.listing = index if index.is_file() else self.hf_dir / SINGLE_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):

@@ -1,5 +1,6 @@
 """Numeric check of a conversion: the same tokens through transformers and through the Megatron
-model loaded from the dist checkpoint (``megatron.core.dist_checkpointing.load``) under a chosen
+model loaded from the dist checkpoint (the actor's ``load_model_checkpoint``, i.e.
+``megatron.core.dist_checkpointing.load``) under a chosen
 TP/PP layout, in fp32.
 
 Reports the max absolute logit difference over the real vocabulary and the mean (over positions)
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_convert.adapters import ConversionError
-from checkpoint_convert.convert import HF_CONFIG_DIR, read_config
+from checkpoint_convert.convert import ROOT_CONFIG, read_config
 
 
 @dataclass(kw_only=True, slots=True)
@@ -27,7 +28,7 @@ class VerifyConfig:
     hf_dir: Path
     """HF checkpoint (the reference, run with transformers)."""
     megatron_dir: Path
-    """torch_dist checkpoint; its ``hf_config/config.json`` (else the HF one) builds the model."""
+    """torch_dist checkpoint; the ``config.json`` beside it (else the HF one) builds the model."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     batch_size: int = 2
@@ -48,14 +49,13 @@ class VerifyResult:
 
 
 def _model_config(config: VerifyConfig) -> dict:
-    recorded = Path(config.megatron_dir) / HF_CONFIG_DIR / "config.json"
+    recorded = Path(config.megatron_dir) / ROOT_CONFIG
     return read_config(recorded if recorded.is_file() else Path(config.hf_dir) / "config.json")
 
 
 def _load_megatron(hf_config: dict, config: VerifyConfig):
-    from megatron.core import dist_checkpointing
-
     from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.checkpoint import load_model_checkpoint
     from megatron_fipo.megatron.distributed import ParallelConfig
 
     parallel = ParallelConfig(
@@ -65,8 +65,8 @@ def _load_megatron(hf_config: dict, config: VerifyConfig):
         hf_config, parallel, dtype=torch.float32
     )
     (chunk,) = model_lib.build_model_chunks(hf_config, transformer_config)
-    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(config.megatron_dir))
-    chunk.load_state_dict(state)
+    # The actor's loader: megatron.core.dist_checkpointing.load + a strict load_state_dict.
+    load_model_checkpoint([chunk], str(config.megatron_dir))
     return chunk.eval()
 
 

@@ -1,0 +1,402 @@
+"""HF <-> Megatron conversion in one process: round trips, fused layouts, bad input, peak memory.
+
+The Megatron-side checks (loading under TP/PP, logits against transformers) are in
+test_checkpoint_convert_megatron.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint_convert.__main__ import main
+from checkpoint_convert.adapters import (
+    ConversionError,
+    adapter_for,
+    interleave_qkv,
+    merge_tensor_parallel,
+    split_qkv,
+)
+from checkpoint_convert.convert import hf_to_megatron, megatron_to_hf, staged_output
+from checkpoint_convert.random_checkpoint import qwen2_config, write_random_checkpoint
+
+TINY = dict(
+    vocab_size=300,  # pads to 384 at TP=1 and 512 at TP=2: exercises re-padding on load
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+
+
+def save_tiny_model(
+    kind: str, out_dir: Path, *, dtype=torch.float32, max_shard_size="40KB"
+) -> Path:
+    """A random-weight transformers model of family ``kind`` saved with ``save_pretrained``."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=False)
+    elif kind == "qwen2_tied":
+        config = transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True)
+    elif kind == "llama":
+        config = transformers.LlamaConfig(**TINY, num_key_value_heads=1, tie_word_embeddings=False)
+    else:
+        raise ValueError(kind)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return out_dir
+
+
+def load_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def assert_no_output(path: Path) -> None:
+    assert not path.exists(), f"{path} was written"
+    leftovers = [
+        p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.partial")
+    ]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {kind: save_tiny_model(kind, root / kind) for kind in ("qwen2", "qwen2_tied", "llama")}
+    out["qwen2_bf16_single"] = save_tiny_model(
+        "qwen2", root / "bf16", dtype=torch.bfloat16, max_shard_size="1GB"
+    )
+    return out
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_qkv_interleave_is_grouped_and_inverts():
+    num_heads, groups, head_dim, hidden = 6, 2, 3, 5
+    q = torch.arange(num_heads * head_dim * hidden, dtype=torch.float32).reshape(-1, hidden)
+    k = -torch.arange(groups * head_dim * hidden, dtype=torch.float32).reshape(-1, hidden) - 1
+    v = k - 1000
+    fused = interleave_qkv(q, k, v, groups)
+    per_group = (num_heads // groups + 2) * head_dim
+    # Group 1 starts with its first query head (head 3), then k_1, then v_1.
+    block = fused[per_group : 2 * per_group]
+    assert torch.equal(block[: 3 * head_dim], q[3 * head_dim : 6 * head_dim])
+    assert torch.equal(block[3 * head_dim : 4 * head_dim], k[head_dim:])
+    assert torch.equal(block[4 * head_dim :], v[head_dim:])
+    for got, want in zip(split_qkv(fused, num_heads, groups, head_dim), (q, k, v)):
+        assert torch.equal(got, want)
+    bias = interleave_qkv(q[:, 0], k[:, 0], v[:, 0], groups)
+    assert torch.equal(bias, fused[:, 0])
+
+
+def test_merge_tensor_parallel_regroups_gated_fc1():
+    gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
+    shards = [torch.cat([gate[:2], up[:2]]), torch.cat([gate[2:], up[2:]])]
+    merged = merge_tensor_parallel("decoder.layers.5.mlp.linear_fc1.weight", shards)
+    assert torch.equal(merged, torch.cat([gate, up]))
+    proj = merge_tensor_parallel("decoder.layers.0.self_attention.linear_proj.weight", [gate, up])
+    assert proj.shape == (4, 4)
+    norm = merge_tensor_parallel("decoder.layers.0.input_layernorm.weight", [gate[0], gate[0]])
+    assert torch.equal(norm, gate[0])
+
+
+def test_megatron_to_hf_accepts_local_and_te_names(models):
+    adapter = adapter_for(json.loads((models["qwen2"] / "config.json").read_text()))
+    weight = torch.randn(64)
+    for name in (
+        "decoder.layers.2.input_layernorm.weight",
+        "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
+    ):
+        ((hf_name, tensor),) = adapter.megatron_to_hf(name, weight)
+        assert hf_name == "model.layers.2.input_layernorm.weight" and tensor is weight
+    embedding = torch.randn(512, 64)  # padded for TP=2
+    ((hf_name, tensor),) = adapter.megatron_to_hf("embedding.word_embeddings.weight", embedding)
+    assert hf_name == "model.embed_tokens.weight" and torch.equal(tensor, embedding[:300])
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_tied", "llama", "qwen2_bf16_single"])
+def test_round_trip_is_bit_exact(models, tmp_path, kind):
+    source = models[kind]
+    megatron_dir = hf_to_megatron(source, tmp_path / "megatron", progress=False)
+    assert (megatron_dir / "config.json").is_file() and (megatron_dir / "metadata.json").is_file()
+    back = megatron_to_hf(megatron_dir, tmp_path / "hf", progress=False, max_shard_bytes=60_000)
+    original, restored = load_hf_tensors(source), load_hf_tensors(back)
+    if kind == "qwen2_tied":
+        original.pop("lm_head.weight", None)
+    assert sorted(original) == sorted(restored)
+    for name, tensor in original.items():
+        assert restored[name].dtype == tensor.dtype, name
+        assert torch.equal(restored[name], tensor), name
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(restored) and len(set(index["weight_map"].values())) > 1
+    for side_file in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (back / side_file).read_bytes() == (source / side_file).read_bytes()
+
+
+def test_export_loads_in_transformers(models, tmp_path):
+    import transformers
+
+    megatron_dir = hf_to_megatron(models["qwen2_tied"], tmp_path / "m", progress=False)
+    back = megatron_to_hf(megatron_dir, tmp_path / "hf", progress=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(models["qwen2_tied"])
+    restored = transformers.AutoModelForCausalLM.from_pretrained(back)
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(reference(tokens).logits, restored(tokens).logits)
+
+
+def test_cli_round_trip_and_exit_codes(models, tmp_path, capsys):
+    source, megatron_dir = models["llama"], tmp_path / "m"
+    assert (
+        main(
+            [
+                "hf-to-megatron",
+                "--hf-dir",
+                str(source),
+                "--output-dir",
+                str(megatron_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    # A second run into the same (now non-empty) directory is refused without --force.
+    assert (
+        main(
+            [
+                "hf-to-megatron",
+                "--hf-dir",
+                str(source),
+                "--output-dir",
+                str(megatron_dir),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "not empty" in capsys.readouterr().err
+    args = ["--hf-dir", str(source), "--output-dir", str(megatron_dir), "--no-progress", "--force"]
+    assert main(["hf-to-megatron", *args]) == 0
+    hf_dir = tmp_path / "hf"
+    assert (
+        main(
+            [
+                "megatron-to-hf",
+                "--megatron-dir",
+                str(megatron_dir),
+                "--output-dir",
+                str(hf_dir),
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    restored = load_hf_tensors(hf_dir)
+    assert all(t.dtype == torch.bfloat16 for t in restored.values())
+    original = load_hf_tensors(source)
+    assert torch.equal(restored["model.norm.weight"], original["model.norm.weight"].bfloat16())
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _single_file_copy(source: Path, target: Path, edit) -> Path:
+    """``source`` as one model.safetensors after ``edit(tensors, config)`` (in place)."""
+    target.mkdir()
+    tensors = load_hf_tensors(source)
+    config = json.loads((source / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _sharded_copy(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def _drop_first_shard(d):
+    next(iter(sorted(d.glob("model-*.safetensors")))).unlink()
+
+
+def _truncate_last_shard(d):
+    path = sorted(d.glob("model-*.safetensors"))[-1]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _drop_index_entry(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+SHARDED_CASES = {
+    "missing_shard": (_drop_first_shard, "missing safetensors shard"),
+    "truncated_shard": (_truncate_last_shard, "truncated safetensors shard"),
+    "index_missing_tensor": (
+        _drop_index_entry,
+        "'model.layers.1.mlp.up_proj.weight' .*missing from .*model.safetensors.index.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARDED_CASES))
+def test_bad_sharded_input(models, tmp_path, case):
+    edit, message = SHARDED_CASES[case]
+    source = _sharded_copy(models["qwen2"], tmp_path / "src")
+    edit(source)
+    with pytest.raises(ConversionError, match=message):
+        hf_to_megatron(source, tmp_path / "out", progress=False)
+    assert_no_output(tmp_path / "out")
+
+
+SINGLE_FILE_CASES = {
+    "tensor_missing": (
+        lambda t, c: t.pop("model.layers.2.self_attn.k_proj.bias"),
+        "'model.layers.2.self_attn.k_proj.bias' .* is missing",
+    ),
+    "unexpected_tensor": (
+        lambda t, c: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}),
+        "unexpected tensor 'model.layers.0.mlp.extra.weight'",
+    ),
+    "misshaped_tensor": (
+        lambda t, c: t.update({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 95)}),
+        r"'model.layers.1.mlp.down_proj.weight' has shape \(64, 95\)",
+    ),
+    "config_mismatch": (
+        lambda t, c: c.update(intermediate_size=128),
+        "config does not match the weights",
+    ),
+    "moe_config": (
+        lambda t, c: c.update(model_type="qwen2_moe", num_experts=4),
+        "mixture-of-experts",
+    ),
+    "unsupported_architecture": (
+        lambda t, c: c.update(model_type="gpt2"),
+        "model_type='gpt2' is not supported",
+    ),
+    "unsupported_dtype": (
+        lambda t, c: t.update({"model.norm.weight": t["model.norm.weight"].double()}),
+        "unsupported dtype F64 for tensor 'model.norm.weight'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SINGLE_FILE_CASES))
+def test_bad_single_file_input(models, tmp_path, case):
+    edit, message = SINGLE_FILE_CASES[case]
+    source = _single_file_copy(models["qwen2"], tmp_path / "src", edit)
+    with pytest.raises(ConversionError, match=message):
+        hf_to_megatron(source, tmp_path / "out", progress=False)
+    assert_no_output(tmp_path / "out")
+
+
+def test_export_refuses_config_that_does_not_match(models, tmp_path):
+    megatron_dir = hf_to_megatron(models["qwen2"], tmp_path / "m", progress=False)
+    config = json.loads((megatron_dir / "config.json").read_text())
+    wrong = tmp_path / "wrong_config"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(
+        json.dumps({**config, "hidden_size": 32, "num_attention_heads": 2})
+    )
+    with pytest.raises(ConversionError, match="has shape .* but the config implies"):
+        megatron_to_hf(megatron_dir, tmp_path / "out", hf_config_dir=wrong, progress=False)
+    assert_no_output(tmp_path / "out")
+    with pytest.raises(ConversionError, match="not a torch_dist checkpoint"):
+        megatron_to_hf(models["qwen2"], tmp_path / "out", hf_config_dir=wrong, progress=False)
+    assert_no_output(tmp_path / "out")
+
+
+def test_staged_output_keeps_the_old_output_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_output(target, force=True) as staging:
+            (staging / "half").write_text("half")
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old").read_text() == "old"
+    with staged_output(target, force=True) as staging:
+        (staging / "new").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ---------------------------------------------------------------- streaming memory
+
+_RSS_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from checkpoint_convert.convert import hf_to_megatron, megatron_to_hf
+    src, mdir, hdir = sys.argv[1:4]
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak()
+    hf_to_megatron(src, mdir, progress=False)
+    after_import = peak()
+    megatron_to_hf(mdir, hdir, progress=False, max_shard_bytes=64 << 20)
+    print(json.dumps({"base": base, "import": after_import, "export": peak()}))
+    """
+)
+
+
+def test_peak_memory_is_bounded_by_a_few_tensors(tmp_path):
+    config = qwen2_config(
+        num_layers=32,
+        hidden_size=512,
+        ffn_hidden_size=2048,
+        vocab_size=4096,
+        num_heads=8,
+        num_kv_heads=2,
+    )
+    total = write_random_checkpoint(
+        tmp_path / "src", config, dtype=torch.float32, max_shard_bytes=64 << 20
+    )
+    largest = 2 * 2048 * 512 * 4  # linear_fc1 [2F, H] fp32; the embedding is as large
+    bound = 4 * largest + (48 << 20)  # a few tensors + allocator / DCP bookkeeping slack
+    assert total > 4 * bound, "the checkpoint must dwarf the bound for the test to mean anything"
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RSS_CHILD,
+            str(tmp_path / "src"),
+            str(tmp_path / "m"),
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
+    growth = {step: peaks[step] - peaks["base"] for step in ("import", "export")}
+    print("peak RSS growth", growth, "bound", bound, "checkpoint bytes", total)
+    assert max(growth.values()) < bound, (growth, bound, total)
+    restored = load_file(sorted((tmp_path / "hf").glob("*.safetensors"))[-1])
+    original = load_hf_tensors(tmp_path / "src")
+    assert all(torch.equal(original[name], tensor) for name, tensor in restored.items())

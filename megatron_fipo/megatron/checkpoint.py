@@ -214,3 +214,45 @@ def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> N
     actor.optimizer.load_state_dict(loaded["optimizer"])
     actor.scheduler.load_state_dict(loaded["scheduler"])
     actor.num_steps = int(loaded["num_steps"])
+
+
+VOCAB_PARALLEL_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def gather_full_parameters(
+    model_chunks: list, dst: int = 0, vocab_size: int | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded, fp32) parameters by global Megatron name, on rank ``dst`` only.
+
+    ``vocab_size``: trim the padded vocab rows of :data:`VOCAB_PARALLEL_PARAMS` to it.
+
+    All ranks must call it. TP shards are all-gathered inside each TP group (SwiGLU
+    ``linear_fc1`` as ``[gate; up]``), then one rank per pipeline stage sends its tensors to
+    ``dst``. Meant for checks and small models: everything passes through ``dst``'s memory.
+    """
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    local = {}
+    for shard in iter_param_shards(model_chunks):
+        tensor = shard.tensor.float().contiguous()
+        if shard.tensor_parallel and shard.tp_size > 1:
+            pieces = [torch.empty_like(tensor) for _ in range(shard.tp_size)]
+            dist.all_gather(pieces, tensor, group=group)
+            if shard.gated:
+                halves = [piece.chunk(2, dim=0) for piece in pieces]
+                pieces = [half[0] for half in halves] + [half[1] for half in halves]
+            tensor = torch.cat(pieces, dim=shard.partition_dim)
+        if vocab_size is not None and shard.name in VOCAB_PARALLEL_PARAMS:
+            tensor = tensor[:vocab_size]
+        local[shard.name] = tensor
+    sender = (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(local if sender else {}, gathered, dst=dst)
+    if gathered is None:
+        return None
+    return {name: tensor for part in gathered for name, tensor in part.items()}

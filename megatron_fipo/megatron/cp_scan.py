@@ -38,39 +38,41 @@ from megatron_fipo.megatron.context_parallel import SequenceLayout
 
 @dataclass(frozen=True)
 class ChunkIndex:
-    """The local chunks of a layout as rows of one right-aligned ``[2N, L]`` matrix.
+    """The local chunks of a layout as rows of one right-aligned ``[2N, width]`` matrix.
 
     Row ``2 * i + slot`` is this rank's ``slot``-th chunk of sequence ``i`` (slot 0 = chunk
-    ``r``, slot 1 = chunk ``2 * CP - 1 - r``); ``L`` is the longest chunk. Chunks are aligned
-    to the right end of their row so that :func:`add_right_carry`'s decay ``gamma^(L - t)``
-    is the right one for a shorter chunk too; the zeros on the left change nothing to its right.
+    ``r``, slot 1 = chunk ``2 * CP - 1 - r``); ``width`` is the longest chunk. Chunks are
+    aligned to the right end of their row so that :func:`add_right_carry`'s decay
+    ``gamma^(width - t)`` is the right one for a shorter chunk too; the zeros on their left
+    change nothing to their right. In both layouts the local tokens are exactly these chunks
+    back to back, so with equal chunk lengths (always when unpacked) the matrix is a view.
     """
 
-    flat_index: torch.Tensor
-    """``[2N, L]`` int64 index into the flattened local tensor (0 where ``valid`` is False)."""
-    valid: torch.Tensor
-    """``[2N, L]`` bool, True where the entry is a token of the chunk."""
+    slots: torch.Tensor
+    """``[num_local_tokens]`` int64: where local token ``j`` sits in the flattened matrix."""
+    width: int
+    """Columns of the matrix (the longest chunk)."""
     first_column: torch.Tensor
     """``[2N]`` int64 column of each chunk's first token (its decayed total in a scan)."""
     chunk_lengths: torch.Tensor
     """``[N]`` int64 chunk length of each sequence."""
 
+    @property
+    def uniform(self) -> bool:
+        """All chunks have the same length: the matrix is a reshape of the local tensor."""
+        return int(self.first_column.max()) == 0
+
     @classmethod
     def from_layout(cls, layout: SequenceLayout) -> ChunkIndex:
         chunk = torch.tensor(layout.chunk_lengths, dtype=torch.int64)
-        local = chunk * 2  # tokens of each sequence on this rank
-        if layout.packed:
-            starts = torch.cumsum(local, 0) - local  # all sequences share row 0
-        else:
-            starts = torch.arange(layout.num_sequences) * layout.local_length
-        starts = torch.stack([starts, starts + chunk], dim=1).reshape(-1)  # [2N]
-        seg_lengths = chunk.repeat_interleave(2)
+        seg_lengths = chunk.repeat_interleave(2)  # [2N]
         width = int(seg_lengths.max())
         first_column = width - seg_lengths
-        offset = torch.arange(width).unsqueeze(0) - first_column.unsqueeze(1)
-        valid = offset >= 0
-        flat_index = torch.where(valid, starts.unsqueeze(1) + offset, 0)
-        return cls(flat_index, valid, first_column, chunk)
+        segment = torch.repeat_interleave(torch.arange(seg_lengths.numel()), seg_lengths)
+        seg_start = torch.cumsum(seg_lengths, 0) - seg_lengths
+        within = torch.arange(segment.numel()) - seg_start[segment]
+        slots = segment * width + first_column[segment] + within
+        return cls(slots, width, first_column, chunk)
 
 
 def local_chunk_scan(
@@ -82,15 +84,19 @@ def local_chunk_scan(
         x: ``[num_rows, local_length]`` local scan input.
 
     Returns:
-        ``(scan, totals)``: ``scan`` ``[2N, L]`` right-aligned chunk scans, ``totals`` ``[N, 2]``
-        the decayed total of each local chunk (slot order).
+        ``(scan, totals)``: ``scan`` ``[2N, width]`` right-aligned chunk scans, ``totals``
+        ``[N, 2]`` the decayed total of each local chunk (slot order).
     """
-    flat_index = index.flat_index.to(x.device)
-    valid = index.valid.to(x.device)
-    chunks = torch.where(valid, x.reshape(-1)[flat_index], 0.0)
+    rows = index.first_column.numel()
+    if index.uniform:
+        chunks = x.reshape(rows, index.width)
+    else:
+        chunks = x.new_zeros(rows * index.width)
+        chunks.index_copy_(0, index.slots.to(x.device), x.reshape(-1))
+        chunks = chunks.view(rows, index.width)
     scan = discounted_future_sum(chunks, gamma)
-    rows = torch.arange(scan.shape[0], device=x.device)
-    totals = scan[rows, index.first_column.to(x.device)]
+    row_ids = torch.arange(rows, device=x.device)
+    totals = scan[row_ids, index.first_column.to(x.device)]
     return scan, totals.view(-1, 2)
 
 
@@ -118,12 +124,11 @@ def own_carries(
 def apply_carries(
     scan: torch.Tensor, carries: torch.Tensor, index: ChunkIndex, like: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    """Step 3b: add each chunk's carry and scatter the chunks back to ``like``'s local shape."""
+    """Step 3b: add each chunk's carry; return the chunks in ``like``'s local shape."""
     full = add_right_carry(scan, carries.reshape(-1), gamma)
-    valid = index.valid.to(scan.device)
-    out = torch.empty(like.numel(), dtype=scan.dtype, device=scan.device)
-    out[index.flat_index.to(scan.device)[valid]] = full[valid]
-    return out.view_as(like)
+    if index.uniform:
+        return full.reshape(like.shape)
+    return full.reshape(-1).index_select(0, index.slots.to(scan.device)).view(like.shape)
 
 
 def cp_future_sum(

@@ -22,9 +22,15 @@ spec = importlib.util.spec_from_file_location("rollout_fake_sglang", FAKE)
 fake = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fake)
 
-# CPU tensors cross into an unrelated process through named shared memory (real SGLang gets
-# CUDA IPC handles instead); the default fd-passing strategy needs a shared multiprocessing authkey.
-torch.multiprocessing.set_sharing_strategy("file_system")
+
+@pytest.fixture(scope="module", autouse=True)
+def file_system_sharing():
+    """CPU tensors cross into an unrelated process through named shared memory (real SGLang gets
+    CUDA IPC handles instead); the default fd passing needs a shared multiprocessing authkey."""
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(previous)
 
 
 def launcher(die_on_generate=0, delay=0.05):

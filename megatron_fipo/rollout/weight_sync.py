@@ -1,0 +1,234 @@
+"""Weight resharding: the actor's TP / PP-sharded Megatron parameters -> HF-named full tensors.
+
+Every rank of a model-parallel group calls :meth:`WeightSync.iter_hf_tensors` (or :meth:`sync`)
+together. Per pipeline stage, its parameters are planned into buckets of at most
+``bucket_bytes`` (full, unsharded size; one dtype per bucket). For each bucket:
+
+1. the stage's TP ranks all-gather their shards in one collective (one flat buffer per rank)
+   and TP rank 0 rebuilds each full Megatron tensor with the checkpoint_convert adapter's
+   ``merge_tensor_parallel`` into one flat bucket buffer (SwiGLU ``linear_fc1`` regrouped as
+   ``[gate; up]``, QKV and vocab rows concatenated);
+2. with PP > 1 the bucket is broadcast from that stage to TP rank 0 of every stage;
+3. each receiving rank maps it to HF names with ``Adapter.megatron_to_hf`` (QKV un-interleaved,
+   gate/up split, vocab padding stripped) and yields the tensors.
+
+Parameter names arrive with global layer numbers (the actor's ``named_parameters_for_sync``
+renumbers PP-local layers), so stages need no offset here. Extra memory is O(one bucket): the
+local flat shards (bucket / TP), the gathered pieces and the bucket buffer, plus the adapter's
+split copies of the bucket's fused tensors. Yielded tensors are views into or copies of the
+bucket; engines copy them into their own parameters before the next bucket is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_convert.adapters import adapter_for, merge_tensor_parallel
+from megatron_fipo.rollout.engine import RolloutEngine
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightSyncConfig:
+    """How weights travel from the actor to the engines."""
+
+    bucket_bytes: int = 512 * 1024**2
+    """Upper bound on one bucket's full-tensor bytes (a larger single tensor gets its own)."""
+    dtype: str | None = None
+    """Cast for the engine (e.g. bfloat16); None keeps the actor's parameter dtype."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_bytes < 1:
+            raise ValueError(f"WeightSyncConfig.bucket_bytes must be >= 1, got {self.bucket_bytes}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"WeightSyncConfig.dtype must be one of {sorted(_DTYPES)} or None")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamMeta:
+    """One parameter as the whole pipeline sees it: full Megatron shape, owning stage."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stage: int
+    tensor_parallel: bool
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def num_bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def plan_buckets(metas: Sequence[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
+    """Consecutive groups of one stage and one dtype, each at most `bucket_bytes` (a parameter
+    larger than that forms a bucket alone). Every parameter lands in exactly one bucket."""
+    buckets: list[list[ParamMeta]] = []
+    size = 0
+    for meta in metas:
+        last = buckets[-1][-1] if buckets else None
+        fits = last is not None and size + meta.num_bytes <= bucket_bytes
+        if fits and last.stage == meta.stage and last.dtype == meta.dtype:
+            buckets[-1].append(meta)
+            size += meta.num_bytes
+        else:
+            buckets.append([meta])
+            size = meta.num_bytes
+    return buckets
+
+
+@dataclass(kw_only=True, slots=True)
+class SyncStats:
+    """What the last pass moved (on this rank)."""
+
+    num_buckets: int = 0
+    num_tensors: int = 0
+    num_bytes: int = 0
+    max_bucket_bytes: int = 0
+    bucket_names: list[list[str]] = field(default_factory=list)
+
+
+class WeightSync:
+    """Turns the actor's parameter shards into HF-named full tensors, bucket by bucket.
+
+    ``shards_fn()`` returns this rank's ``ParamShard`` s (``MegatronActor.named_parameters_for_sync``).
+    ``tp_group`` / ``pp_group`` default to Megatron's parallel state.
+    """
+
+    def __init__(
+        self,
+        shards_fn: Callable[[], Iterable[Any]],
+        hf_config: Any,
+        config: WeightSyncConfig | None = None,
+        *,
+        tp_group: dist.ProcessGroup | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        config_dict = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
+        self.adapter = adapter_for(config_dict)
+        self.config = config or WeightSyncConfig()
+        self._shards_fn = shards_fn
+        if tp_group is None or pp_group is None:
+            from megatron.core import parallel_state
+
+            tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
+            pp_group = pp_group or parallel_state.get_pipeline_model_parallel_group()
+        self.tp_group, self.pp_group = tp_group, pp_group
+        self.version = 0
+        self.stats = SyncStats()
+
+    def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
+        """Push the current weights to `engine` (given on the driving rank, None elsewhere).
+
+        All ranks call it together. Returns the new weights version (previous + 1 by default).
+        """
+        version = self.version + 1 if version is None else int(version)
+        stream = self.iter_hf_tensors(convert=engine is not None)
+        if engine is not None:
+            engine.update_weights(stream, version)
+        for _ in stream:  # ranks without an engine still take part in every collective
+            pass
+        self.version = version
+        return version
+
+    def iter_hf_tensors(self, convert: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, full tensor) for every parameter; a collective over TP and PP.
+
+        Tensors come out on TP rank 0 of every stage when `convert`; other ranks yield nothing.
+        """
+        tp_rank, pp_rank = dist.get_rank(self.tp_group), dist.get_rank(self.pp_group)
+        pp_size = dist.get_world_size(self.pp_group)
+        shards = {shard.name: shard for shard in self._shards_fn()}
+        local_metas = [self._meta(shard, pp_rank) for shard in shards.values()]
+        stage_metas: list[list[ParamMeta]] = [[] for _ in range(pp_size)]
+        stage_metas[pp_rank] = local_metas
+        if tp_rank == 0 and pp_size > 1:
+            dist.all_gather_object(stage_metas, local_metas, group=self.pp_group)
+        self.stats = SyncStats()
+        for stage in range(pp_size):
+            for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes):
+                buffer = self._gather_bucket(bucket, shards) if stage == pp_rank else None
+                if tp_rank != 0:
+                    continue
+                if pp_size > 1:
+                    buffer = self._broadcast_bucket(bucket, buffer, stage)
+                self._record(bucket)
+                if convert:
+                    yield from self._to_hf(bucket, buffer)
+
+    def _meta(self, shard: Any, stage: int) -> ParamMeta:
+        shape = list(shard.tensor.shape)
+        if shard.tensor_parallel and shard.tp_size > 1:
+            shape[shard.partition_dim] *= shard.tp_size
+        return ParamMeta(
+            name=shard.name,
+            shape=tuple(shape),
+            dtype=shard.tensor.dtype,
+            stage=stage,
+            tensor_parallel=shard.tensor_parallel and shard.tp_size > 1,
+        )
+
+    def _gather_bucket(self, bucket: list[ParamMeta], shards: dict[str, Any]) -> torch.Tensor:
+        """TP ranks of this stage: one all-gather of the bucket's TP shards; returns the flat
+        bucket [sum of numel] of full Megatron tensors (meaningful on TP rank 0)."""
+        tp_size = dist.get_world_size(self.tp_group)
+        split = [meta for meta in bucket if meta.tensor_parallel]
+        pieces: list[torch.Tensor] = []
+        if split:
+            local = torch.cat([shards[meta.name].tensor.reshape(-1) for meta in split])
+            pieces = [torch.empty_like(local) for _ in range(tp_size)]
+            dist.all_gather(pieces, local, group=self.tp_group)
+        if dist.get_rank(self.tp_group) != 0:
+            return torch.empty(0)
+        out = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype)
+        offset, shard_offset = 0, 0
+        for meta in bucket:
+            local_shape = shards[meta.name].tensor.shape
+            if meta.tensor_parallel:
+                size = local_shape.numel()
+                views = [
+                    piece[shard_offset : shard_offset + size].view(local_shape) for piece in pieces
+                ]
+                full = merge_tensor_parallel(meta.name, views)
+                shard_offset += size
+            else:
+                full = shards[meta.name].tensor
+            out[offset : offset + meta.numel].view(meta.shape).copy_(full)
+            offset += meta.numel
+        return out
+
+    def _broadcast_bucket(
+        self, bucket: list[ParamMeta], buffer: torch.Tensor | None, stage: int
+    ) -> torch.Tensor:
+        if buffer is None:
+            buffer = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype)
+        dist.broadcast(buffer, src=dist.get_global_rank(self.pp_group, stage), group=self.pp_group)
+        return buffer
+
+    def _record(self, bucket: list[ParamMeta]) -> None:
+        num_bytes = sum(meta.num_bytes for meta in bucket)
+        self.stats.num_buckets += 1
+        self.stats.num_bytes += num_bytes
+        self.stats.max_bucket_bytes = max(self.stats.max_bucket_bytes, num_bytes)
+        self.stats.bucket_names.append([meta.name for meta in bucket])
+
+    def _to_hf(
+        self, bucket: list[ParamMeta], buffer: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        dtype = _DTYPES[self.config.dtype] if self.config.dtype else None
+        offset = 0
+        for meta in bucket:
+            full = buffer[offset : offset + meta.numel].view(meta.shape)
+            offset += meta.numel
+            for hf_name, tensor in self.adapter.megatron_to_hf(meta.name, full):
+                self.stats.num_tensors += 1
+                yield hf_name, tensor if dtype is None else tensor.to(dtype)

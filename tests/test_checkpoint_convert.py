@@ -31,7 +31,7 @@ TINY = dict(
     vocab_size=300,  # pads to 384 at TP=1 and 512 at TP=2: exercises re-padding on load
     hidden_size=64,
     intermediate_size=96,
-    num_hidden_layers=3,
+    num_hidden_layers=4,
     num_attention_heads=4,
     max_position_embeddings=128,
 )

@@ -325,6 +325,18 @@ def test_simulated_cp_attention_matches_full_attention(packed, cp_size):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
 
 
+_SINGLE_RANK_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def _single_rank_group() -> dist.ProcessGroup:
+    """This rank alone (the TP group of the attention tests); new_group is collective, so
+    every rank creates every rank's group once."""
+    if not _SINGLE_RANK_GROUPS:
+        for r in range(dist.get_world_size()):
+            _SINGLE_RANK_GROUPS[r] = dist.new_group([r], backend="gloo")
+    return _SINGLE_RANK_GROUPS[dist.get_rank()]
+
+
 def _attention_module(cp_size, heads, groups, head_dim, cp_group):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
@@ -342,8 +354,7 @@ def _attention_module(cp_size, heads, groups, head_dim, cp_group):
         attention_dropout=0.0,
         use_cpu_initialization=True,
     )
-    tp_groups = [dist.new_group([r], backend="gloo") for r in range(dist.get_world_size())]
-    pgs = ProcessGroupCollection(tp=tp_groups[dist.get_rank()], cp=cp_group)
+    pgs = ProcessGroupCollection(tp=_single_rank_group(), cp=cp_group)
     return ContextParallelAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgs)
 
 

@@ -175,8 +175,16 @@ class SequenceLayout:
     @functools.cached_property
     def valid(self) -> torch.Tensor:
         """``[num_rows, local_length]`` bool: the local token is a real (unpadded) token."""
-        lengths = torch.tensor(self.lengths)
-        return self.positions < lengths[self.sequence_index]
+        return self.positions < self._token_lengths
+
+    @functools.cached_property
+    def label_valid(self) -> torch.Tensor:
+        """``[num_rows, local_length]`` bool: the token has a real next token (its label)."""
+        return self.positions + 1 < self._token_lengths
+
+    @property
+    def _token_lengths(self) -> torch.Tensor:
+        return torch.tensor(self.lengths)[self.sequence_index]
 
     @functools.cached_property
     def cu_seqlens_padded(self) -> torch.Tensor:
@@ -370,9 +378,7 @@ def build_cp_batch(
         tokens=split_to_local(tokens, layout),
         labels=split_to_local(tokens_to_labels(tokens, lengths), layout),
         position_ids=layout.positions.to(input_ids.device),
-        label_valid=(layout.positions + 1 < torch.tensor(layout.lengths)[layout.sequence_index]).to(
-            input_ids.device
-        ),
+        label_valid=layout.label_valid.to(input_ids.device),
         label_aligned=shifted,
         packed_seq_params=(
             make_packed_seq_params(layout, input_ids.device) if layout.packed else None

@@ -1,0 +1,131 @@
+"""Ray placement: one bundle per GPU (or CPU slot), split between training ranks and engines.
+
+:func:`plan_placement` decides, from the config alone, which bundles the training ranks and the
+rollout engines use:
+
+- colocated (``rollout.colocate``): every bundle hosts one training rank *and* a share of an
+  engine; the two take fractions of the bundle's GPU (CPU) so Ray admits both, and the engine
+  releases its memory while the actor trains;
+- disaggregated: the first ``training_world_size`` bundles train, the remaining
+  ``rollout.num_gpus`` bundles serve the engines.
+
+Engines span ``rollout.engine_tensor_parallel_size`` consecutive bundles (one node, since
+``gpus_per_node`` is a multiple of it). :func:`create_placement` reserves the bundles as a Ray
+placement group and orders them by node, so consecutive ranks (a TP group) share a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_fipo.config import FipoConfig
+
+# Fractions of a bundle when training and rollout share it; they sum to 1 so Ray admits both.
+COLOCATED_TRAIN_FRACTION = 0.5
+COLOCATED_ENGINE_FRACTION = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPlan:
+    """Which bundles hold what; pure data, no Ray."""
+
+    use_gpu: bool
+    num_bundles: int
+    cpus_per_bundle: float
+    """CPUs reserved with each bundle (GPU runs: host threads per GPU)."""
+    train_bundles: tuple[int, ...]
+    """Bundle of each training rank, by rank."""
+    engine_bundles: tuple[tuple[int, ...], ...]
+    """Bundles of each engine (its TP group), by engine."""
+    train_fraction: float
+    """Share of a bundle's GPU (or CPU) a training rank takes."""
+    engine_fraction: float
+    """Share of a bundle's GPU (or CPU) an engine actor takes on its first bundle."""
+
+    @property
+    def colocated(self) -> bool:
+        return bool(self.engine_bundles) and self.engine_bundles[0][0] in self.train_bundles
+
+
+def plan_placement(config: FipoConfig, cpus_per_gpu: float = 4.0) -> PlacementPlan:
+    """The bundles of a run (``config.validate_layout`` checks the sizes first)."""
+    trainer, rollout = config.trainer, config.rollout
+    config.validate_layout()
+    use_gpu = trainer.gpus_per_node > 0
+    train_ranks = config.training_world_size
+    engine_tp = rollout.engine_tensor_parallel_size if use_gpu else 1
+    if rollout.colocate:
+        num_bundles, first_engine_bundle = train_ranks, 0
+        fractions = (COLOCATED_TRAIN_FRACTION, COLOCATED_ENGINE_FRACTION)
+    else:
+        num_bundles, first_engine_bundle = train_ranks + int(rollout.num_gpus or 0), train_ranks
+        fractions = (1.0, 1.0)
+    engine_starts = range(first_engine_bundle, num_bundles, engine_tp)
+    if not use_gpu:
+        cpus = (trainer.cpus_per_node or train_ranks) / trainer.cpu_ranks_per_node
+    else:
+        cpus = cpus_per_gpu
+    return PlacementPlan(
+        use_gpu=use_gpu,
+        num_bundles=num_bundles,
+        cpus_per_bundle=float(cpus),
+        train_bundles=tuple(range(train_ranks)),
+        engine_bundles=tuple(tuple(range(s, s + engine_tp)) for s in engine_starts),
+        train_fraction=fractions[0],
+        engine_fraction=fractions[1],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """Where one Ray actor goes and what it asks for."""
+
+    bundle_index: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(slots=True)
+class RayPlacement:
+    """A reserved placement group and the plan's bundles mapped onto it (node-ordered)."""
+
+    placement_group: Any
+    plan: PlacementPlan
+    bundle_order: list[int]
+    """``bundle_order[i]`` is the Ray bundle index of the plan's bundle ``i``."""
+
+    def train_slots(self) -> list[WorkerSlot]:
+        """One slot per training rank, in rank order."""
+        return [self._slot(b, self.plan.train_fraction) for b in self.plan.train_bundles]
+
+    def engine_slots(self) -> list[WorkerSlot]:
+        """One slot per engine: its first bundle (the engine drives its other TP bundles)."""
+        return [
+            self._slot(group[0], self.plan.engine_fraction) for group in self.plan.engine_bundles
+        ]
+
+    def _slot(self, plan_bundle: int, fraction: float) -> WorkerSlot:
+        cpus = self.plan.cpus_per_bundle * fraction
+        gpus = fraction if self.plan.use_gpu else 0.0
+        return WorkerSlot(self.bundle_order[plan_bundle], cpus, gpus)
+
+
+def create_placement(plan: PlacementPlan, timeout_s: float = 120.0) -> RayPlacement:
+    """Reserve the plan's bundles (Ray must be initialised); fails naming what was missing."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    bundle = {"CPU": plan.cpus_per_bundle, **({"GPU": 1.0} if plan.use_gpu else {})}
+    group = placement_group([dict(bundle) for _ in range(plan.num_bundles)], strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise RuntimeError(
+            f"could not reserve {plan.num_bundles} bundles of {bundle} within {timeout_s:.0f} s; "
+            f"the cluster has {ray.cluster_resources()} (available {ray.available_resources()})"
+        )
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    node_rank = {node: i for i, node in enumerate(dict.fromkeys(nodes[b] for b in sorted(nodes)))}
+    order = sorted(range(plan.num_bundles), key=lambda b: (node_rank[nodes[b]], b))
+    return RayPlacement(placement_group=group, plan=plan, bundle_order=order)

@@ -1,0 +1,159 @@
+"""Ray placement and actor groups on local Ray (2 CPUs): gloo group, errors, colocated engines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_fipo.cluster import (
+    RayActorGroup,
+    WorkerError,
+    WorkerSlot,
+    create_placement,
+    plan_placement,
+    start_local_ray,
+)
+from megatron_fipo.config import load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class SumWorker:
+    """A worker that uses the process group the group formed for it."""
+
+    def __init__(self, scale: float) -> None:
+        import torch.distributed as dist
+
+        self.scale = scale
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def environment(self) -> dict:
+        import torch.distributed as dist
+
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        return {"backend": dist.get_backend(), **{k: os.environ[k] for k in keys}}
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values) * self.scale * (self.rank + 1)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def echo(self, value):
+        return (self.rank, value)
+
+    def explode(self, bad_rank: int) -> int:
+        if self.rank == bad_rank:
+            return _inner_failure(self.rank)
+        return self.rank
+
+
+def _inner_failure(rank: int) -> int:
+    raise ValueError(f"boom on rank {rank}")
+
+
+class EngineStub:
+    """Stands in for a rollout engine actor: reports the process it lives in."""
+
+    def where(self) -> tuple[int, str]:
+        return os.getpid(), os.environ.get("RANK", "")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel by value
+    start_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def group(ray_session):
+    slots = [WorkerSlot(bundle_index=0, num_cpus=0.5, num_gpus=0.0)] * 2
+    workers = RayActorGroup(SumWorker, 2, slots, worker_kwargs={"scale": 2.0}, backend="gloo")
+    yield workers
+    workers.shutdown()
+
+
+def test_two_workers_form_a_gloo_group_and_all_reduce(group):
+    # rank r contributes [1, 2] * 2 * (r + 1): the sum over ranks 0 and 1 is [1, 2] * 2 * 3.
+    assert group.run_all("all_reduce", [1.0, 2.0]) == [[6.0, 12.0], [6.0, 12.0]]
+    env = group.run_all("environment")
+    assert [e["RANK"] for e in env] == ["0", "1"] and {e["WORLD_SIZE"] for e in env} == {"2"}
+    assert [e["LOCAL_RANK"] for e in env] == ["0", "1"]  # both on this node
+    import ray
+
+    (node,) = ray.nodes()
+    assert env[0]["MASTER_ADDR"] == env[1]["MASTER_ADDR"] == node["NodeManagerAddress"]
+    assert env[0]["backend"] == "gloo"
+    assert group.run_each("echo", [("a",), ("b",)]) == [(0, "a"), (1, "b")]
+    assert group.run_rank(1, "echo", "c") == (1, "c")
+
+
+def test_worker_failure_surfaces_with_its_traceback(group):
+    with pytest.raises(WorkerError) as caught:
+        group.run_all("explode", 1)
+    text = str(caught.value)
+    assert "rank 1 failed in explode: ValueError: boom on rank 1" in text
+    assert "_inner_failure" in text and "traceback of rank 1" in text
+    with pytest.raises(WorkerError, match="SumWorker has no method 'missing'"):
+        group.run_all("missing")
+    assert group.run_all("echo", 5) == [(0, 5), (1, 5)]  # the group still works afterwards
+
+
+def test_a_failing_constructor_is_reported(ray_session):
+    slots = [WorkerSlot(bundle_index=0, num_cpus=0.5, num_gpus=0.0)]
+    with pytest.raises(WorkerError, match=r"rank 0 failed in SumWorker.__init__: TypeError"):
+        RayActorGroup(SumWorker, 1, slots, backend="gloo")  # missing `scale`
+
+
+def test_colocated_placement_from_the_tiny_config(ray_session):
+    config = load_config(CONFIGS / "tiny-cpu.yaml", ["trainer.cpus_per_node=1"])
+    plan = plan_placement(config)
+    assert plan.colocated and plan.train_bundles == (0,) and plan.engine_bundles == ((0,),)
+    placement = create_placement(plan, timeout_s=30)
+    try:
+        (train_slot,), (engine_slot,) = placement.train_slots(), placement.engine_slots()
+        assert train_slot.bundle_index == engine_slot.bundle_index == placement.bundle_order[0]
+        trainer = RayActorGroup(
+            SumWorker,
+            1,
+            [train_slot],
+            placement_group=placement.placement_group,
+            worker_kwargs={"scale": 1.0},
+        )
+        engines = RayActorGroup(
+            EngineStub, 1, [engine_slot], placement_group=placement.placement_group, backend=None
+        )
+        assert trainer.run_all("all_reduce", [3.0]) == [[3.0]]  # a world of one
+        ((engine_pid, _),) = engines.run_all("where")
+        assert engine_pid != os.getpid()
+        trainer.shutdown()
+        engines.kill()
+    finally:
+        ray_session.util.remove_placement_group(placement.placement_group)
+
+
+def test_plans_for_gpu_clusters():
+    big = load_config(CONFIGS / "qwen2.5-32b-fipo.yaml")
+    plan = plan_placement(big)
+    assert plan.use_gpu and plan.num_bundles == 128 and plan.colocated
+    assert len(plan.engine_bundles) == 32 and plan.engine_bundles[1] == (4, 5, 6, 7)
+    assert plan.train_fraction + plan.engine_fraction == pytest.approx(1.0)
+    split = load_config(
+        CONFIGS / "qwen2.5-32b-fipo.yaml",
+        ["rollout.colocate=false", "rollout.num_gpus=64", "trainer.nnodes=24"],
+    )
+    plan = plan_placement(split)
+    assert not plan.colocated and plan.num_bundles == 192
+    assert plan.train_bundles == tuple(range(128))
+    assert plan.engine_bundles[0] == (128, 129, 130, 131) and len(plan.engine_bundles) == 16
+    assert (plan.train_fraction, plan.engine_fraction) == (1.0, 1.0)

@@ -10,6 +10,7 @@ import pytest
 from megatron_fipo.data import load_prompt_files, load_tokenizer, tokenize_prompts
 from megatron_fipo.data.synthetic import (
     SyntheticTaskConfig,
+    encode_sft_pair,
     generate_rows,
     prepare_synthetic,
     read_solutions,
@@ -104,3 +105,16 @@ def test_bad_synthetic_settings_are_rejected():
         SyntheticTaskConfig(kinds=("div",))
     with pytest.raises(ValueError, match="distinct problems"):
         generate_rows(SyntheticTaskConfig(num_train=50, num_eval=5, max_operand=2, max_factor=2))
+
+
+def test_sft_pairs_fit_the_tiny_length_budget(prepared, tokenizer):
+    report = load_prompt_files([prepared.train_file])
+    solutions = read_solutions(prepared.train_file)
+    lengths = []
+    for example in report.examples:
+        prompt, response = encode_sft_pair(tokenizer, example.messages, solutions[example.row])
+        assert response[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(response[:-1]) == solutions[example.row]
+        lengths.append((len(prompt), len(response)))
+    # tiny-cpu.yaml: prompts <= 64 tokens; responses stay clear of the overlong buffer (64 - 16).
+    assert max(p for p, _ in lengths) <= 64 and max(r for _, r in lengths) <= 48

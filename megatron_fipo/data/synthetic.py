@@ -177,6 +177,21 @@ def read_solutions(path: str | Path) -> dict[int, str]:
     return {row_index: row["extra_info"]["solution"] for row_index, row in enumerate(rows)}
 
 
+def encode_sft_pair(
+    tokenizer: Any, messages: Any, solution: str, apply_chat_template: bool = True
+) -> tuple[list[int], list[int]]:
+    """(prompt ids [P], response ids [R]) for the supervised warm start.
+
+    The prompt is encoded exactly as the rollout encodes it; the response is the worked
+    solution followed by the eos token, which is where generation stops during RL.
+    """
+    from megatron_fipo.data.templates import encode_prompt
+
+    prompt = encode_prompt(tokenizer, messages, apply_chat_template)
+    response = list(tokenizer(solution, add_special_tokens=False)["input_ids"])
+    return prompt, [*response, tokenizer.eos_token_id]
+
+
 def tokenizer_corpus(rows: list[dict]) -> Iterator[str]:
     """Text the tokenizer is trained on: rendered prompts, solutions and every digit and sign."""
     from megatron_fipo.data.templates import render_fallback

@@ -63,6 +63,9 @@ class EngineStub:
     def where(self) -> tuple[int, str]:
         return os.getpid(), os.environ.get("RANK", "")
 
+    def die(self) -> None:
+        os._exit(3)
+
 
 @pytest.fixture(scope="module")
 def ray_session():
@@ -115,6 +118,14 @@ def test_a_failing_constructor_is_reported(ray_session):
         RayActorGroup(SumWorker, 1, slots, backend="gloo")  # missing `scale`
 
 
+def test_a_dead_worker_is_reported(ray_session):
+    slots = [WorkerSlot(bundle_index=0, num_cpus=0.25, num_gpus=0.0)]
+    engines = RayActorGroup(EngineStub, 1, slots, backend=None, name="engine")
+    assert engines.run_rank(0, "where")[1] == "0"  # RANK is set even without a process group
+    with pytest.raises(WorkerError, match="engine rank 0 died during die"):
+        engines.run_all("die")
+
+
 def test_colocated_placement_from_the_tiny_config(ray_session):
     config = load_config(CONFIGS / "tiny-cpu.yaml", ["trainer.cpus_per_node=1"])
     plan = plan_placement(config)
@@ -123,16 +134,8 @@ def test_colocated_placement_from_the_tiny_config(ray_session):
     try:
         (train_slot,), (engine_slot,) = placement.train_slots(), placement.engine_slots()
         assert train_slot.bundle_index == engine_slot.bundle_index == placement.bundle_order[0]
-        trainer = RayActorGroup(
-            SumWorker,
-            1,
-            [train_slot],
-            placement_group=placement.placement_group,
-            worker_kwargs={"scale": 1.0},
-        )
-        engines = RayActorGroup(
-            EngineStub, 1, [engine_slot], placement_group=placement.placement_group, backend=None
-        )
+        trainer = RayActorGroup.training(SumWorker, placement, worker_kwargs={"scale": 1.0})
+        engines = RayActorGroup.engines(EngineStub, placement)
         assert trainer.run_all("all_reduce", [3.0]) == [[3.0]]  # a world of one
         ((engine_pid, _),) = engines.run_all("where")
         assert engine_pid != os.getpid()

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_fipo.cluster.placement import WorkerSlot
+from megatron_fipo.cluster.placement import RayPlacement, WorkerSlot
 
 
 class WorkerError(RuntimeError):
@@ -154,6 +154,22 @@ class RayActorGroup:
         ]
         self._gather(refs, f"{worker_cls.__name__}.__init__")
 
+    @classmethod
+    def training(cls, worker_cls: type, placement: RayPlacement, **kwargs: Any) -> RayActorGroup:
+        """One worker per training rank of ``placement``, in rank order (gloo unless told)."""
+        slots = placement.train_slots()
+        group = placement.placement_group
+        return cls(worker_cls, len(slots), slots, placement_group=group, **kwargs)
+
+    @classmethod
+    def engines(cls, worker_cls: type, placement: RayPlacement, **kwargs: Any) -> RayActorGroup:
+        """One worker per rollout engine of ``placement``, without a process group by default."""
+        slots = placement.engine_slots()
+        kwargs.setdefault("backend", None)
+        kwargs.setdefault("name", "engine")
+        group = placement.placement_group
+        return cls(worker_cls, len(slots), slots, placement_group=group, **kwargs)
+
     def _start(self, slot: WorkerSlot, group: Any, env: dict[str, str]) -> Any:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -188,28 +204,30 @@ class RayActorGroup:
 
     def run_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """``worker.method(...)`` on one rank only (no collectives inside, or the others hang)."""
-        return self._gather([self.actors[rank].call.remote(method, args, kwargs)], method)[0]
+        ref = self.actors[rank].call.remote(method, args, kwargs)
+        return self._gather([ref], method, ranks=[rank])[0]
 
-    def _gather(self, refs: list, method: str) -> list[Any]:
+    def _gather(self, refs: list, method: str, ranks: Sequence[int] | None = None) -> list[Any]:
         """Results in order; raises on the first failure, without waiting for the other ranks."""
         import ray
 
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        ranks = range(len(refs)) if ranks is None else ranks
+        index_of = {ref: index for index, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            rank = rank_of[done[0]]
+            index = index_of[done[0]]
             try:
                 value = ray.get(done[0])
             except ray.exceptions.RayError as error:  # the actor process itself died
                 raise WorkerError(
-                    f"{self.name} rank {rank} died during {method}: {error}"
+                    f"{self.name} rank {ranks[index]} died during {method}: {error}"
                 ) from None
             if isinstance(value, _Failure):
                 raise value.error()
-            results[rank] = value
-        return [results[rank] for rank in range(len(refs))]
+            results[index] = value
+        return [results[index] for index in range(len(refs))]
 
     def kill(self) -> None:
         """End every actor now (a failed collective leaves the others blocked)."""

@@ -7,6 +7,7 @@ the default 5 s deadline and ``strict_reward`` with a 0.5 s deadline for the tim
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
@@ -119,6 +120,10 @@ CASES = [
     ("Work.\nAnswer: $42$", "42", True, "correct"),
     ("Work.\nAnswer: 3/4", "\\frac{3}{4}", True, "correct"),
     ("**Answer:** $\\frac{1}{3}$.", "1/3", True, "correct"),
+    ("\\boxed{1,000}", "1000", True, "correct"),
+    ("\\boxed{x = 5}", "5", True, "correct"),
+    ("\\boxed{42^\\circ}", "42", True, "correct"),
+    ("Answer: The total is $42$ dollars.", "42", True, "correct"),
     ("\\boxed{41}", "42", False, "wrong"),
     ("\\boxed{\\frac{1}{3}}", "0.5", False, "wrong"),
     ("\\boxed{x^2+1}", "(x+1)^2", False, "wrong"),
@@ -188,6 +193,25 @@ def test_bad_arguments(reward):
 
 
 # ---------------------------------------------------------------- adversarial input and deadlines
+
+LATEX_TOKENS = (
+    "1 2 0 - + x = < \\le ^ _ { } ( ) [ ] , \\frac \\sqrt \\pi \\infty \\cup \\in "
+    "\\mathbb{R} \\begin{pmatrix} \\end{pmatrix} & \\\\ \\{ \\} ! \\% \\sin \\log / . \\pm |"
+).split()
+
+
+def test_random_latex_never_breaks_the_pool(reward):
+    rng = random.Random(0)
+    answers = ["".join(rng.choices(LATEX_TOKENS, k=rng.randint(1, 10))) for _ in range(80)]
+    responses = [f"\\boxed{{{a}}}" if i % 4 else f"Answer: ${a}$" for i, a in enumerate(answers)]
+    golds = [rng.choice(["1", "x", "(1,2)", "\\frac{1}{2}", "x=1", "[0,\\infty)"]) for _ in answers]
+    results = reward.score_batch(responses, golds)
+    for result in results:
+        assert result.reason in ("correct", "wrong", "no_answer", "timeout") or (
+            result.reason.startswith("error: ")
+        ), result
+        assert result.reward == (1.0 if result.correct else -1.0)
+        assert result.correct == (result.reason == "correct")
 
 
 def test_deeply_nested_answer_is_rejected_quickly(reward):

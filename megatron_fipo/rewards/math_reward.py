@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import re
 import resource
+import signal
 import threading
 import time
 import weakref
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 
-from math_verify import parse, verify
+from math_verify import LatexExtractionConfig, parse, verify
 from sympy import Basic, MatrixBase
 
 from megatron_fipo.rewards.extraction import braces_balanced, extract_answer
@@ -48,6 +49,9 @@ MAX_ANSWER_CHARS = 1000
 """Extracted answers (and ground truths) longer than this are never handed to math-verify."""
 
 _PLAIN_INTEGER = re.compile(r"[+-]?\d{1,64}")
+# LaTeX extraction only: math-verify's plain-expression extractor hands text to sympy's
+# parse_expr, which is built on eval(); the LaTeX path builds sympy objects from a parse tree.
+_LATEX_ONLY = (LatexExtractionConfig(),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,7 @@ def _quick_verdict(extracted: str | None, gold: str) -> RewardResult | None:
         return _result(None, "no_answer")
     if len(extracted) > MAX_ANSWER_CHARS:
         return _result(extracted, "too_long")
-    answer = extracted.replace(" ", "").strip("$").rstrip(".")
+    answer = extracted.strip("$ ").rstrip(".")
     if _PLAIN_INTEGER.fullmatch(gold) and _PLAIN_INTEGER.fullmatch(answer):
         return _result(extracted, "correct" if int(answer) == int(gold) else "wrong")
     return None
@@ -103,7 +107,7 @@ class _BadGroundTruthError(Exception):
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
     """math-verify's parse of a ground truth (cached: each prompt's is reused by its group)."""
-    parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None, raise_on_error=True)
+    parsed = parse("\\boxed{" + gold + "}", _LATEX_ONLY, parsing_timeout=None, raise_on_error=True)
     if not any(isinstance(item, (Basic, MatrixBase)) for item in parsed):
         raise _BadGroundTruthError(
             f"ground truth {gold!r} is not a math expression math-verify can parse"
@@ -112,7 +116,7 @@ def _parse_gold(gold: str) -> list:
 
 
 def _compare(extracted: str, gold: str) -> str:
-    """ "correct" / "wrong" / "error: ..." by math-verify; raises _BadGroundTruthError.
+    """Verdict of math-verify: "correct", "wrong" or "error: ..."; raises _BadGroundTruthError.
 
     No time limit here: callers run it in a worker process with a deadline, or accept the risk.
     """
@@ -124,7 +128,7 @@ def _compare(extracted: str, gold: str) -> str:
     else:
         text = "\\boxed{" + extracted + "}"
     try:
-        answer = parse(text, parsing_timeout=None, raise_on_error=True)
+        answer = parse(text, _LATEX_ONLY, parsing_timeout=None, raise_on_error=True)
         same = verify(gold_parsed, answer, timeout_seconds=None, raise_on_error=True)
     except Exception as error:  # anything sympy raises on model output is the answer's fault
         return f"error: {type(error).__name__}: {str(error)[:200]}"
@@ -157,6 +161,8 @@ def _worker_main(connection: Connection, memory_limit_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # We enforce deadlines ourselves; silence math-verify's "timeout is disabled" warning.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # Ctrl-C is the parent's to handle (it stops the pool); a worker must not die mid-reply.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # sympy builds caches on first use (a cold first comparison costs ~1 s); pay that before
     # reporting ready, so it never counts against a sample's deadline.
     _compare("x^2+2x+1", "(x+1)^2")
@@ -245,11 +251,11 @@ class MathReward:
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
+        self.num_restarts = 0
+        """Workers killed and replaced so far (deadline overruns and crashes)."""
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
         for _ in range(num_workers):
             self._workers.append(self._start_worker())
-        self.num_restarts = 0
-        """Workers killed and replaced so far (deadline overruns and crashes)."""
 
     def __enter__(self) -> MathReward:
         return self

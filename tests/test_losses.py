@@ -224,3 +224,27 @@ def test_config_validation_names_field():
             torch.ones(2, 3),
             PolicyLossConfig(),
         )
+
+
+def test_sequence_sum_fn_sees_the_whole_sequence():
+    """A sequence split over two rows (as CP splits it) is dropped when the injected
+    sequence sum counts its offending tokens together, exactly as the unsplit sequence."""
+    cfg = PolicyLossConfig(mode="fipo")
+    old = torch.zeros(1, 6, dtype=torch.float64)
+    logp = old.clone()
+    logp[0, 1] = logp[0, 4] = math.log(50.0)
+    adv = torch.tensor([-1.0], dtype=torch.float64)
+    mask = torch.ones(1, 6, dtype=torch.float64)
+    whole, whole_stats = compute_policy_loss(logp, old, adv, mask, cfg, num_tokens=6)
+    assert whole_stats["actor/dropped_seqs_sum"].item() == 1
+
+    def both_rows(values):  # the "CP group" sum: rows are halves of one sequence
+        return values.sum(-1, keepdim=True).sum(0, keepdim=True).expand_as(values)
+
+    stacked = [t.reshape(2, 3) for t in (logp, old, mask)]
+    split, _ = compute_policy_loss(
+        stacked[0], stacked[1], adv.expand(2), stacked[2], cfg, 6, sequence_sum_fn=both_rows
+    )
+    assert split.item() == whole.item() == 0.0
+    naive, _ = compute_policy_loss(stacked[0], stacked[1], adv.expand(2), stacked[2], cfg, 6)
+    assert naive.item() != 0.0  # without it each half has one offending token: nothing dropped

@@ -27,6 +27,7 @@ import torch
 from megatron_fipo.algorithms.future_kl import discounted_future_sum
 
 FutureSumFn = Callable[[torch.Tensor, float], torch.Tensor]
+SequenceSumFn = Callable[[torch.Tensor], torch.Tensor]
 MODES = ("grpo", "dapo", "fipo")
 _LOG_RATIO_BOUND = 20.0
 _UNCLIPPED_WEIGHT_CAP = 10.0  # f = min(w, 10) when fipo_clip_ratio == 0
@@ -110,6 +111,7 @@ def compute_policy_loss(
     config: PolicyLossConfig,
     num_tokens: float | torch.Tensor | None = None,
     future_sum_fn: FutureSumFn | None = None,
+    sequence_sum_fn: SequenceSumFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-mean policy loss of one micro-batch.
 
@@ -123,6 +125,9 @@ def compute_policy_loss(
             optimizer step (across micro-batches and DP / CP ranks); None -> kept tokens here.
         future_sum_fn: the reverse scan ``(x[B, T], gamma) -> F[B, T]``; context-parallel
             callers inject their CP scan here. Defaults to :func:`discounted_future_sum`.
+        sequence_sum_fn: ``values[B, T] -> [B, T]``, each token's value replaced by the sum
+            over its whole sequence (the sequence-drop count). Defaults to a row sum; CP callers,
+            whose rows hold only part of a sequence, inject a sum across the CP group.
 
     Returns:
         ``(loss, metrics)``; metrics are 0-d tensors reduced by key suffix
@@ -160,9 +165,14 @@ def compute_policy_loss(
     num_seqs = log_probs.shape[0]
     dropped = torch.zeros(num_seqs, dtype=torch.bool, device=log_probs.device)
     if config.mode == "fipo":
-        offending = (adv < 0) & (loss_clip.detach() > dual_bound) & (mask > 0)
-        dropped = offending.sum(-1) > 1
-        kept = mask * (~dropped).to(mask.dtype).unsqueeze(-1)
+        offending = ((adv < 0) & (loss_clip.detach() > dual_bound) & (mask > 0)).to(dtype)
+        if sequence_sum_fn is None:
+            in_sequence = offending.sum(-1, keepdim=True).expand_as(offending)
+        else:
+            in_sequence = sequence_sum_fn(offending)
+        drop_token = in_sequence > 1
+        dropped = (drop_token & (mask > 0)).any(-1)
+        kept = mask * (~drop_token).to(mask.dtype)
     num_kept = kept.sum()
     divisor = num_tokens if num_tokens is not None else num_kept.clamp(min=1.0)
     loss = (per_token * kept).sum() / divisor

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import re
 import resource
 import signal
@@ -153,8 +154,17 @@ def math_reward(response: str, ground_truth: str) -> RewardResult:
         raise ValueError(str(error)) from None
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Thread body: end the worker if its parent dies (say SIGKILLed mid-sample), so no
+    orphan keeps a core busy on a pathological expression."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _worker_main(connection: Connection, memory_limit_mb: int | None) -> None:
     """Worker process loop: receive (task id, answer, gold), send (task id, verdict, detail)."""
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     if memory_limit_mb:
         # A sympy blow-up (e.g. 9^{9^{9^9}}) must fail with MemoryError, not take the host down.
         limit = memory_limit_mb * 2**20

@@ -216,3 +216,4 @@ class _Shard:
     def __init__(self, name, tensor):
         self.name, self.tensor = name, tensor
         self.tensor_parallel, self.partition_dim, self.tp_size, self.tp_rank = False, None, 1, 0
+        self.gated = False

@@ -4,10 +4,10 @@ Every rank of a model-parallel group calls :meth:`WeightSync.iter_hf_tensors` (o
 together. Per pipeline stage, its parameters are planned into buckets of at most
 ``bucket_bytes`` (full, unsharded size; one dtype per bucket). For each bucket:
 
-1. the stage's TP ranks all-gather their shards in one collective (one flat buffer per rank)
-   and TP rank 0 rebuilds each full Megatron tensor with the checkpoint_convert adapter's
-   ``merge_tensor_parallel`` into one flat bucket buffer (SwiGLU ``linear_fc1`` regrouped as
-   ``[gate; up]``, QKV and vocab rows concatenated);
+1. the stage's TP ranks send their shards to TP rank 0 (point-to-point), which receives each
+   piece straight into its place in one flat bucket of full Megatron tensors, placed by the
+   shard's own TP partition info (dim 0 / dim 1 blocks; SwiGLU ``linear_fc1`` regrouped as
+   ``[gate; up]``: the layout of the adapter's ``merge_tensor_parallel``);
 2. with PP > 1 the bucket is broadcast from that stage to TP rank 0 of every stage;
 3. each receiving rank maps it to HF names with ``Adapter.megatron_to_hf`` (QKV un-interleaved,
    gate/up split, vocab padding stripped) and yields the tensors.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpoint_convert.adapters import adapter_for, merge_tensor_parallel
+from checkpoint_convert.adapters import adapter_for
 from megatron_fipo.rollout.engine import RolloutEngine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,6 +148,7 @@ class WeightSync:
         tp_rank, pp_rank = dist.get_rank(self.tp_group), dist.get_rank(self.pp_group)
         pp_size = dist.get_world_size(self.pp_group)
         shards = {shard.name: shard for shard in self._shards_fn()}
+        device = next(iter(shards.values())).tensor.device
         local_metas = [self._meta(shard, pp_rank) for shard in shards.values()]
         stage_metas: list[list[ParamMeta]] = [[] for _ in range(pp_size)]
         stage_metas[pp_rank] = local_metas
@@ -160,7 +161,7 @@ class WeightSync:
                 if tp_rank != 0:
                     continue
                 if pp_size > 1:
-                    buffer = self._broadcast_bucket(bucket, buffer, stage)
+                    buffer = self._broadcast_bucket(bucket, buffer, stage, device)
                 self._record(bucket)
                 if convert:
                     yield from self._to_hf(bucket, buffer)
@@ -177,40 +178,66 @@ class WeightSync:
             tensor_parallel=shard.tensor_parallel and shard.tp_size > 1,
         )
 
-    def _gather_bucket(self, bucket: list[ParamMeta], shards: dict[str, Any]) -> torch.Tensor:
-        """TP ranks of this stage: one all-gather of the bucket's TP shards; returns the flat
-        bucket [sum of numel] of full Megatron tensors (meaningful on TP rank 0)."""
-        tp_size = dist.get_world_size(self.tp_group)
+    def _gather_bucket(
+        self, bucket: list[ParamMeta], shards: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """TP ranks of this stage: send the bucket's shards to TP rank 0, which receives each one
+        straight into its place in the flat bucket [sum of numel] of full Megatron tensors.
+
+        Point-to-point rather than all-gather: only TP rank 0 needs the full tensors (half the
+        traffic at TP = 2), and dim-0 pieces land without an extra copy.
+        """
+        tp_rank, tp_size = dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group)
+        root = dist.get_global_rank(self.tp_group, 0)
         split = [meta for meta in bucket if meta.tensor_parallel]
-        pieces: list[torch.Tensor] = []
-        if split:
-            local = torch.cat([shards[meta.name].tensor.reshape(-1) for meta in split])
-            pieces = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(pieces, local, group=self.tp_group)
-        if dist.get_rank(self.tp_group) != 0:
-            return torch.empty(0)
-        out = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype)
-        offset, shard_offset = 0, 0
+        if tp_rank != 0:
+            pieces = [p.contiguous() for meta in split for p in _local_pieces(shards[meta.name])]
+            works = [
+                dist.isend(p, dst=root, group=self.tp_group, tag=i) for i, p in enumerate(pieces)
+            ]
+            for work in works:
+                work.wait()
+            return None
+        device = shards[bucket[0].name].tensor.device
+        out = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype, device=device)
+        works, pending = [], []
+        tags = [0] * tp_size  # the i-th piece from a rank carries tag i, as it was sent
+        offset = 0
         for meta in bucket:
-            local_shape = shards[meta.name].tensor.shape
-            if meta.tensor_parallel:
-                size = local_shape.numel()
-                views = [
-                    piece[shard_offset : shard_offset + size].view(local_shape) for piece in pieces
-                ]
-                full = merge_tensor_parallel(meta.name, views)
-                shard_offset += size
-            else:
-                full = shards[meta.name].tensor
-            out[offset : offset + meta.numel].view(meta.shape).copy_(full)
+            full = out[offset : offset + meta.numel].view(meta.shape)
             offset += meta.numel
+            shard = shards[meta.name]
+            if not meta.tensor_parallel:
+                full.copy_(shard.tensor)
+                continue
+            for source in range(1, tp_size):
+                for dest in _piece_views(full, shard, source, tp_size):
+                    # Row blocks are contiguous and are received in place; column blocks
+                    # (row-parallel weights) go through a staging tensor.
+                    staged = (
+                        dest
+                        if dest.is_contiguous()
+                        else torch.empty(dest.shape, dtype=dest.dtype, device=device)
+                    )
+                    src = dist.get_global_rank(self.tp_group, source)
+                    works.append(dist.irecv(staged, src=src, group=self.tp_group, tag=tags[source]))
+                    tags[source] += 1
+                    pending.append((dest, staged))
+            for dest, piece in zip(_piece_views(full, shard, 0, tp_size), _local_pieces(shard)):
+                dest.copy_(piece)  # overlaps with the receives in flight
+        for work in works:
+            work.wait()
+        for dest, staged in pending:
+            if staged is not dest:
+                dest.copy_(staged)
         return out
 
     def _broadcast_bucket(
-        self, bucket: list[ParamMeta], buffer: torch.Tensor | None, stage: int
+        self, bucket: list[ParamMeta], buffer: torch.Tensor | None, stage: int, device: torch.device
     ) -> torch.Tensor:
         if buffer is None:
-            buffer = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype)
+            numel = sum(meta.numel for meta in bucket)
+            buffer = torch.empty(numel, dtype=bucket[0].dtype, device=device)
         dist.broadcast(buffer, src=dist.get_global_rank(self.pp_group, stage), group=self.pp_group)
         return buffer
 
@@ -232,3 +259,25 @@ class WeightSync:
             for hf_name, tensor in self.adapter.megatron_to_hf(meta.name, full):
                 self.stats.num_tensors += 1
                 yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _local_pieces(shard: Any) -> list[torch.Tensor]:
+    """A TP shard as the pieces that land contiguously along its partition dim of the full
+    tensor: a SwiGLU ``linear_fc1`` shard ``[gate_r; up_r]`` is two pieces, others one."""
+    return list(shard.tensor.chunk(2, dim=0)) if shard.gated else [shard.tensor]
+
+
+def _piece_views(full: torch.Tensor, shard: Any, rank: int, tp_size: int) -> list[torch.Tensor]:
+    """Views of `full` where TP rank `rank`'s pieces (:func:`_local_pieces` order) belong.
+
+    Megatron's layouts: column-parallel weights, QKV and vocab rows split dim 0 into equal
+    blocks; row-parallel weights split dim 1; ``linear_fc1`` is ``[gate_0..gate_{TP-1};
+    up_0..up_{TP-1}]`` (the same layout as the adapter's ``merge_tensor_parallel``).
+    """
+    dim = shard.partition_dim
+    if shard.gated:
+        half = full.shape[0] // 2
+        size = half // tp_size
+        return [full.narrow(0, rank * size, size), full.narrow(0, half + rank * size, size)]
+    size = full.shape[dim] // tp_size
+    return [full.narrow(dim, rank * size, size)]

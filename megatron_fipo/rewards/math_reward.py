@@ -232,6 +232,8 @@ class MathReward:
     Use as a context manager (or call ``close``). ``score_batch`` is the fast path: samples are
     spread over the workers and results come back in input order. Calls are serialised by a
     lock, so one instance may be shared by threads, but it is not parallel across them.
+    Workers are spawned, so a script that builds a ``MathReward`` must keep its top level under
+    ``if __name__ == "__main__":`` (the spawned interpreter re-imports the main module).
 
     Args:
         num_workers: worker processes (each holds a sympy/math-verify interpreter, ~100 MB).

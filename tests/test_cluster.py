@@ -19,6 +19,7 @@ from megatron_fipo.cluster import (
 from megatron_fipo.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = CONFIGS / "tiny-cpu.yaml"
 
 
 class SumWorker:
@@ -34,7 +35,12 @@ class SumWorker:
         import torch.distributed as dist
 
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        return {"backend": dist.get_backend(), **{k: os.environ[k] for k in keys}}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {
+            "backend": dist.get_backend(),
+            "visible": visible,
+            **{k: os.environ[k] for k in keys},
+        }
 
     def all_reduce(self, values: list[float]) -> list[float]:
         import torch
@@ -63,6 +69,9 @@ class EngineStub:
     def where(self) -> tuple[int, str]:
         return os.getpid(), os.environ.get("RANK", "")
 
+    def gpus(self) -> tuple[str | None, str | None]:
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("FIPO_GPU_IDS")
+
     def die(self) -> None:
         os._exit(3)
 
@@ -73,15 +82,25 @@ def ray_session():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel by value
-    start_local_ray(num_cpus=2)
+    # Two logical GPUs: Ray schedules and assigns them like real ones (CUDA_VISIBLE_DEVICES, GPU
+    # ids), so the GPU placement path runs here; the workers themselves only use gloo.
+    start_local_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def group(ray_session):
-    slots = [WorkerSlot(bundle_index=0, num_cpus=0.5, num_gpus=0.0)] * 2
-    workers = RayActorGroup(SumWorker, 2, slots, worker_kwargs={"scale": 2.0}, backend="gloo")
+def gpu_placement(ray_session):
+    overrides = ["trainer.gpus_per_node=2", "rollout.engine_tensor_parallel_size=2"]
+    plan = plan_placement(load_config(TINY, overrides), cpus_per_gpu=0.25)
+    placement = create_placement(plan, timeout_s=60)
+    yield placement
+    ray_session.util.remove_placement_group(placement.placement_group)
+
+
+@pytest.fixture(scope="module")
+def group(gpu_placement):
+    workers = RayActorGroup.training(SumWorker, gpu_placement, worker_kwargs={"scale": 2.0})
     yield workers
     workers.shutdown()
 
@@ -97,6 +116,7 @@ def test_two_workers_form_a_gloo_group_and_all_reduce(group):
     (node,) = ray.nodes()
     assert env[0]["MASTER_ADDR"] == env[1]["MASTER_ADDR"] == node["NodeManagerAddress"]
     assert env[0]["backend"] == "gloo"
+    assert sorted(e["visible"] for e in env) == ["0", "1"]  # Ray gave each rank its own GPU
     assert group.run_each("echo", [("a",), ("b",)]) == [(0, "a"), (1, "b")]
     assert group.run_rank(1, "echo", "c") == (1, "c")
 
@@ -126,8 +146,24 @@ def test_a_dead_worker_is_reported(ray_session):
         engines.run_all("die")
 
 
+def test_gpu_placement_orders_bundles_and_shares_them_with_engines(gpu_placement, group):
+    train = gpu_placement.train_slots()
+    (engine,) = gpu_placement.engine_slots()
+    assert [slot.gpu_ids for slot in train] == [(0,), (1,)]  # rank order follows GPU order
+    assert engine.gpu_ids == (0, 1) and engine.bundle_index == train[0].bundle_index
+    assert [slot.num_gpus for slot in (*train, engine)] == [0.5, 0.5, 0.5]  # colocated halves
+    visible = [e["visible"] for e in group.run_all("environment")]
+    assert visible == ["0", "1"]
+    engines = RayActorGroup.engines(EngineStub, gpu_placement)
+    try:
+        # The engine sees every GPU of its node (Ray does not narrow it) and is told its TP group.
+        assert engines.run_all("gpus") == [(None, "0,1")]
+    finally:
+        engines.kill()
+
+
 def test_colocated_placement_from_the_tiny_config(ray_session):
-    config = load_config(CONFIGS / "tiny-cpu.yaml", ["trainer.cpus_per_node=1"])
+    config = load_config(TINY, ["trainer.cpus_per_node=1"])
     plan = plan_placement(config)
     assert plan.colocated and plan.train_bundles == (0,) and plan.engine_bundles == ((0,),)
     placement = create_placement(plan, timeout_s=30)

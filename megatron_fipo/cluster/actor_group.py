@@ -28,6 +28,8 @@ from typing import Any
 
 from megatron_fipo.cluster.placement import RayPlacement, WorkerSlot
 
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
 
 class WorkerError(RuntimeError):
     """A method failed inside a worker; the message carries the rank and its traceback."""
@@ -136,22 +138,42 @@ class RayActorGroup:
             )
         if backend not in (None, "gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo', 'nccl' or None, got {backend!r}")
-        import ray
 
         self.num_workers, self.name = num_workers, name
         self.actors = [self._start(slot, placement_group, env or {}) for slot in slots]
+        try:
+            self._initialise(
+                slots, worker_cls, worker_args, worker_kwargs or {}, backend, timeout_minutes
+            )
+        except BaseException:
+            self.kill()  # no half-built group keeps its resources
+            raise
+
+    def _initialise(
+        self,
+        slots: Sequence[WorkerSlot],
+        worker_cls: type,
+        worker_args: tuple,
+        worker_kwargs: dict,
+        backend: str | None,
+        timeout_minutes: float,
+    ) -> None:
+        """Distributed environment and process group on every actor, then the workers."""
+        import ray
+
         # The address Ray registered for each actor's node (what the other nodes can reach).
         node_address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         addresses = [node_address[n] for n in ray.get([a.node_id.remote() for a in self.actors])]
         port = ray.get(self.actors[0].free_port.remote())
         envs = _distributed_env(addresses, port, use_gpu=backend == "nccl")
+        for rank_env, slot in zip(envs, slots):
+            if slot.gpu_ids:
+                rank_env["FIPO_GPU_IDS"] = ",".join(map(str, slot.gpu_ids))
         self._gather(
             [a.setup.remote(e, backend, timeout_minutes) for a, e in zip(self.actors, envs)],
             "setup",
         )
-        refs = [
-            a.construct.remote(worker_cls, worker_args, worker_kwargs or {}) for a in self.actors
-        ]
+        refs = [a.construct.remote(worker_cls, worker_args, worker_kwargs) for a in self.actors]
         self._gather(refs, f"{worker_cls.__name__}.__init__")
 
     @classmethod
@@ -163,10 +185,17 @@ class RayActorGroup:
 
     @classmethod
     def engines(cls, worker_cls: type, placement: RayPlacement, **kwargs: Any) -> RayActorGroup:
-        """One worker per rollout engine of ``placement``, without a process group by default."""
+        """One worker per rollout engine of ``placement``, without a process group by default.
+
+        On GPU an engine spans its TP group's GPUs, so Ray is told not to narrow its
+        ``CUDA_VISIBLE_DEVICES``; the engine reads its node-local GPU ids from ``FIPO_GPU_IDS``
+        (e.g. "4,5,6,7": SGLang's ``base_gpu_id`` is the first, ``tp_size`` the count).
+        """
         slots = placement.engine_slots()
         kwargs.setdefault("backend", None)
         kwargs.setdefault("name", "engine")
+        if placement.plan.use_gpu:
+            kwargs["env"] = {NOSET_CUDA_VISIBLE_DEVICES: "1", **(kwargs.get("env") or {})}
         group = placement.placement_group
         return cls(worker_cls, len(slots), slots, placement_group=group, **kwargs)
 

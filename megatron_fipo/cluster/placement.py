@@ -84,35 +84,68 @@ class WorkerSlot:
     bundle_index: int
     num_cpus: float
     num_gpus: float
+    gpu_ids: tuple[int, ...] = ()
+    """Node-local GPU ids of the slot's bundles (an engine: its whole TP group); () on CPU."""
 
 
 @dataclass(slots=True)
 class RayPlacement:
-    """A reserved placement group and the plan's bundles mapped onto it (node-ordered)."""
+    """A reserved placement group and the plan's bundles mapped onto it (node, GPU order)."""
 
     placement_group: Any
     plan: PlacementPlan
     bundle_order: list[int]
     """``bundle_order[i]`` is the Ray bundle index of the plan's bundle ``i``."""
+    bundle_gpu: dict[int, int]
+    """Node-local GPU id of each Ray bundle (empty on CPU)."""
 
     def train_slots(self) -> list[WorkerSlot]:
         """One slot per training rank, in rank order."""
-        return [self._slot(b, self.plan.train_fraction) for b in self.plan.train_bundles]
+        return [self._slot((b,), self.plan.train_fraction) for b in self.plan.train_bundles]
 
     def engine_slots(self) -> list[WorkerSlot]:
-        """One slot per engine: its first bundle (the engine drives its other TP bundles)."""
-        return [
-            self._slot(group[0], self.plan.engine_fraction) for group in self.plan.engine_bundles
-        ]
+        """One slot per engine on its first bundle; ``gpu_ids`` lists all its TP bundles' GPUs."""
+        return [self._slot(group, self.plan.engine_fraction) for group in self.plan.engine_bundles]
 
-    def _slot(self, plan_bundle: int, fraction: float) -> WorkerSlot:
+    def _slot(self, plan_bundles: tuple[int, ...], fraction: float) -> WorkerSlot:
+        bundles = [self.bundle_order[b] for b in plan_bundles]
         cpus = self.plan.cpus_per_bundle * fraction
         gpus = fraction if self.plan.use_gpu else 0.0
-        return WorkerSlot(self.bundle_order[plan_bundle], cpus, gpus)
+        gpu_ids = tuple(self.bundle_gpu[b] for b in bundles) if self.bundle_gpu else ()
+        return WorkerSlot(bundles[0], cpus, gpus, gpu_ids)
+
+
+def _probe_bundles(group: Any, num_bundles: int) -> list[tuple[str, int]]:
+    """(node id, GPU id) of every bundle, from a tiny actor scheduled on each."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0, num_gpus=0.01)
+    class _Probe:
+        def where(self) -> tuple[str, int]:
+            return ray.get_runtime_context().get_node_id(), int(ray.get_gpu_ids()[0])
+
+    probes = [
+        _Probe.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=index
+            )
+        ).remote()
+        for index in range(num_bundles)
+    ]
+    try:
+        return ray.get([probe.where.remote() for probe in probes])
+    finally:
+        for probe in probes:
+            ray.kill(probe)
 
 
 def create_placement(plan: PlacementPlan, timeout_s: float = 120.0) -> RayPlacement:
-    """Reserve the plan's bundles (Ray must be initialised); fails naming what was missing."""
+    """Reserve the plan's bundles (Ray must be initialised); fails naming what was missing.
+
+    Bundles are ordered by node, then (on GPU) by GPU id, so consecutive ranks share a node and
+    an engine's TP bundles are neighbouring GPUs.
+    """
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
 
@@ -125,7 +158,12 @@ def create_placement(plan: PlacementPlan, timeout_s: float = 120.0) -> RayPlacem
             f"could not reserve {plan.num_bundles} bundles of {bundle} within {timeout_s:.0f} s; "
             f"the cluster has {ray.cluster_resources()} (available {ray.available_resources()})"
         )
-    nodes = placement_group_table(group)["bundles_to_node_id"]
+    if plan.use_gpu:
+        located = _probe_bundles(group, plan.num_bundles)
+        nodes = {b: node for b, (node, _) in enumerate(located)}
+        gpus = {b: gpu for b, (_, gpu) in enumerate(located)}
+    else:
+        nodes, gpus = placement_group_table(group)["bundles_to_node_id"], {}
     node_rank = {node: i for i, node in enumerate(dict.fromkeys(nodes[b] for b in sorted(nodes)))}
-    order = sorted(range(plan.num_bundles), key=lambda b: (node_rank[nodes[b]], b))
-    return RayPlacement(placement_group=group, plan=plan, bundle_order=order)
+    order = sorted(range(plan.num_bundles), key=lambda b: (node_rank[nodes[b]], gpus.get(b, b)))
+    return RayPlacement(placement_group=group, plan=plan, bundle_order=order, bundle_gpu=gpus)

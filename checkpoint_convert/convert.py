@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -55,11 +56,15 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @contextlib.contextmanager
-def staged_output(output_dir: Path, force: bool, sources: tuple[Path, ...] = ()) -> Iterator[Path]:
+def staged_output(
+    output_dir: Path, force: bool, sources: tuple[Path, ...] = (), sync: bool = True
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``output_dir``; on success it replaces ``output_dir``.
 
     ConversionError when ``output_dir`` is non-empty (unless ``force``) or is one of ``sources``.
-    On any error the temporary directory is removed and ``output_dir`` is untouched.
+    On any error the temporary directory is removed and ``output_dir`` is untouched. With
+    ``sync`` the files are flushed to disk before the rename, so a crash cannot leave a
+    complete-looking directory with missing data.
     """
     output_dir = Path(output_dir).absolute()
     for source in sources:
@@ -78,6 +83,9 @@ def staged_output(output_dir: Path, force: bool, sources: tuple[Path, ...] = ())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private
+    if sync:
+        _fsync_tree(staging)
     if output_dir.exists():
         retired = staging.with_name(staging.name + ".old")
         output_dir.rename(retired)
@@ -85,6 +93,21 @@ def staged_output(output_dir: Path, force: bool, sources: tuple[Path, ...] = ())
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(output_dir)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_config(path: Path) -> dict:
@@ -175,9 +198,12 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def hf_to_megatron(
-    hf_dir: Path, output_dir: Path, *, force: bool = False, progress: bool = True
+    hf_dir: Path, output_dir: Path, *, force: bool = False, progress: bool = True, sync: bool = True
 ) -> Path:
-    """Convert an HF checkpoint directory to a megatron-core ``torch_dist`` checkpoint."""
+    """Convert an HF checkpoint directory to a megatron-core ``torch_dist`` checkpoint.
+
+    ``sync=False`` skips flushing the output to disk before it is renamed into place.
+    """
     hf_dir = Path(hf_dir)
     config = read_config(hf_dir / "config.json")
     adapter = adapter_for(config)
@@ -185,7 +211,7 @@ def hf_to_megatron(
         dtype = _check_hf_tensors(adapter, reader)
         total = sum(reader.tensors[n].nbytes for n in adapter.hf_shapes())
         with (
-            staged_output(output_dir, force, sources=(hf_dir,)) as staging,
+            staged_output(output_dir, force, (hf_dir,), sync) as staging,
             tqdm(
                 total=total, unit="B", unit_scale=True, desc="hf->megatron", disable=not progress
             ) as bar,
@@ -290,6 +316,7 @@ def megatron_to_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    sync: bool = True,
 ) -> Path:
     """Convert a ``torch_dist`` checkpoint back to HF safetensors (+ index, configs, tokenizer).
 
@@ -307,7 +334,7 @@ def megatron_to_hf(
     shards = plan_shards(planned, max_shard_bytes)
     total = sum(p.nbytes for p in planned)
     with (
-        staged_output(output_dir, force, sources=(megatron_dir, side_dir)) as staging,
+        staged_output(output_dir, force, (megatron_dir, side_dir), sync) as staging,
         tqdm(
             total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress
         ) as bar,

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -44,6 +45,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from checkpoint_convert.adapters import ConversionError
 
@@ -125,14 +128,42 @@ class _LazySavePlanner(DefaultSavePlanner):
         return data.contiguous()
 
 
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file writer without its per-key tensor cache.
+
+    torch's writer keeps the last tensor written under every key (for its safetensors mode),
+    which would pin the embedding and one whole layer for the length of the save. Ours writes
+    the items in plan order into one file, each with ``torch.save`` exactly as the stock writer
+    does (so the stock reader, and megatron-core's, read it), and keeps nothing.
+    """
+
+    def write_data(self, plan: SavePlan, planner) -> Future:
+        file_name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(Path(self.path) / file_name, "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(data, stream)
+                length = stream.tell() - offset
+                info = _StorageInfo(relative_path=file_name, offset=offset, length=length)
+                results.append(
+                    WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
+                )
+                del data
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+
 def write_dist_checkpoint(
     directory: Path, chunks: list[ChunkWrite], objects: list[ObjectWrite], common: dict
 ) -> None:
     """Write a megatron-core ``torch_dist`` checkpoint into ``directory`` (which must exist)."""
-    # One writer thread and one file: items are written in plan order, one at a time.
-    writer = FileSystemWriter(
-        str(directory), single_file_per_rank=True, sync_files=False, thread_count=1
-    )
+    writer = _StreamingWriter(str(directory), sync_files=False)
     with warnings.catch_warnings():
         # "torch.distributed is disabled ...": a single-process save is exactly the intent.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

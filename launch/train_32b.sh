@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # FIPO on Qwen2.5-32B across a multi-node GPU cluster (16 nodes x 8 GPUs in the recipe), on Ray.
 #
-# Run the same command on every node (e.g. from your scheduler); node 0 starts the Ray head,
-# waits for the others to join, checks the layout and submits the job, whose logs it streams:
+# Run the same command on every node (e.g. from your scheduler); node 0 checks the layout,
+# starts the Ray head, waits for the others to join, then runs fipo-train as the Ray driver
+# (RAY_ADDRESS points it at the cluster) and streams its log to the terminal and LOG_DIR:
 #
 #   NNODES=16 NODE_RANK=<0..15> MASTER_ADDR=<node 0 address> bash launch/train_32b.sh \
 #       [--config configs/qwen2.5-32b-fipo.yaml] [--dry-run] [key.sub=value ...]
@@ -13,7 +14,7 @@
 #
 # Environment (defaults in brackets):
 #   NNODES [16]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  GPUS_PER_NODE [GPUs nvidia-smi sees;
-#   the config's trainer.gpus_per_node when none]  RAY_PORT [6379]  DASHBOARD_PORT [8265]
+#   the config's trainer.gpus_per_node when none]  RAY_PORT [6379]  LOG_DIR [logs]
 #   PYTHON [.venv/bin/python]  NODE_WAIT_S [900]  GPU_MEMORY_GIB [80]
 #   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME / NCCL_IB_HCA: passed through when set.
 # The repository (and the model / data paths of the config) must be at the same path on every
@@ -42,7 +43,7 @@ NNODES="${NNODES:-16}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 RAY_PORT="${RAY_PORT:-6379}"
-DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+LOG_DIR="${LOG_DIR:-$ROOT/logs}"
 NODE_WAIT_S="${NODE_WAIT_S:-900}"
 GPU_MEMORY_GIB="${GPU_MEMORY_GIB:-80}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -77,9 +78,6 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export PYTHONUNBUFFERED=1
 export RAY_DEDUP_LOGS=0
-ENV_NAMES=(CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_NVLS_ENABLE
-  NCCL_CUMEM_ENABLE NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING PYTHONUNBUFFERED
-  NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_GID_INDEX HF_HOME)
 
 RAY="$(dirname "$PYTHON")/ray"
 [[ -x "$RAY" ]] || RAY="ray"
@@ -97,7 +95,7 @@ fi
 layout_check  # fail before starting anything when the layout cannot work
 
 "$RAY" start --head --node-ip-address "$MASTER_ADDR" --port "$RAY_PORT" \
-  --num-gpus "$GPUS_PER_NODE" --dashboard-host 0.0.0.0 --dashboard-port "$DASHBOARD_PORT"
+  --num-gpus "$GPUS_PER_NODE" --include-dashboard=false
 trap '"$RAY" stop --force >/dev/null 2>&1 || true' EXIT
 
 "$PYTHON" - "$MASTER_ADDR:$RAY_PORT" "$NNODES" "$NODE_WAIT_S" <<'EOF'
@@ -114,15 +112,19 @@ while (alive := sum(node["Alive"] for node in ray.nodes())) < nnodes:
 print(f"train_32b.sh: all {nnodes} nodes joined")
 EOF
 
-ENV_JSON="$("$PYTHON" -c '
-import json, os, sys
-print(json.dumps({"env_vars": {k: os.environ[k] for k in sys.argv[1:] if k in os.environ}}))
-' "${ENV_NAMES[@]}")"
 FIPO_TRAIN="$(dirname "$PYTHON")/fipo-train"
 [[ -x "$FIPO_TRAIN" ]] || FIPO_TRAIN="fipo-train"
+mkdir -p "$LOG_DIR"
+LOG_FILE="$LOG_DIR/train_32b-$(date +%Y%m%d-%H%M%S).log"
+echo "train_32b.sh: starting fipo-train as the Ray driver; log: $LOG_FILE"
 
-# `ray job submit` streams the job's logs until it ends and exits with its status.
-"$RAY" job submit --address "http://$MASTER_ADDR:$DASHBOARD_PORT" \
-  --runtime-env-json "$ENV_JSON" -- \
-  "$FIPO_TRAIN" --config "$ROOT/$CONFIG" \
-  "trainer.nnodes=$NNODES" "trainer.gpus_per_node=$GPUS_PER_NODE" "${OVERRIDES[@]}"
+# The driver runs here on node 0 and joins the cluster through RAY_ADDRESS; its output and the
+# workers' (forwarded by Ray) go to the terminal and the log file.
+set +e
+RAY_ADDRESS="$MASTER_ADDR:$RAY_PORT" "$FIPO_TRAIN" --config "$ROOT/$CONFIG" \
+  "trainer.nnodes=$NNODES" "trainer.gpus_per_node=$GPUS_PER_NODE" "${OVERRIDES[@]}" 2>&1 |
+  tee "$LOG_FILE"
+status="${PIPESTATUS[0]}"
+set -e
+echo "train_32b.sh: fipo-train exited with status $status"
+exit "$status"

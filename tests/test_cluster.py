@@ -13,8 +13,8 @@ from megatron_fipo.cluster import (
     WorkerError,
     WorkerSlot,
     create_placement,
+    init_ray,
     plan_placement,
-    start_local_ray,
 )
 from megatron_fipo.config import load_config
 
@@ -84,7 +84,7 @@ def ray_session():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel by value
     # Two logical GPUs: Ray schedules and assigns them like real ones (CUDA_VISIBLE_DEVICES, GPU
     # ids), so the GPU placement path runs here; the workers themselves only use gloo.
-    start_local_ray(num_cpus=2, num_gpus=2)
+    init_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
 

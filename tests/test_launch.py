@@ -154,3 +154,11 @@ def test_train_32b_dry_run_without_gpus():
     )  # fmt: skip
     assert bad.returncode == 1
     assert "num_hidden_layers (63) must be divisible" in bad.stderr
+    no_gpu = subprocess.run(
+        ["bash", str(ROOT / "launch/train_32b.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_gpu.returncode == 2 and "no GPUs visible (set GPUS_PER_NODE)" in no_gpu.stderr

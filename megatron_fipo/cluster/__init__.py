@@ -4,7 +4,7 @@ Ray is imported only when an actor group or placement group is created, so the l
 (``python -m megatron_fipo.cluster.layout``) works without a Ray cluster.
 """
 
-from megatron_fipo.cluster.actor_group import RayActorGroup, WorkerError, start_local_ray
+from megatron_fipo.cluster.actor_group import RayActorGroup, WorkerError, init_ray
 from megatron_fipo.cluster.placement import (
     PlacementPlan,
     RayPlacement,
@@ -20,6 +20,6 @@ __all__ = [
     "WorkerError",
     "WorkerSlot",
     "create_placement",
+    "init_ray",
     "plan_placement",
-    "start_local_ray",
 ]

@@ -294,11 +294,19 @@ def _distributed_env(addresses: Sequence[str], port: int, use_gpu: bool) -> list
     ]
 
 
-def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """A local Ray instance for one-machine runs and tests (no dashboard, loopback address)."""
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (set by launch/train_32b.sh), else start Ray here.
+
+    A local start (one-machine runs, tests) binds to the loopback address without a dashboard;
+    ``num_cpus`` / ``num_gpus`` apply only to it (a running cluster has its own).
+    """
     import ray
 
     if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
         return
     ray.init(
         num_cpus=num_cpus,
@@ -306,5 +314,4 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) ->
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         logging_level="ERROR",
-        log_to_driver=True,
     )

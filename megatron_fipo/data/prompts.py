@@ -27,7 +27,7 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 
 
 class DataError(ValueError):

@@ -36,6 +36,10 @@ def spinning_reward() -> float:
         count += 1
 
 
+class Label(str):
+    """A str subclass only this module defines: the trainer must never need to unpickle it."""
+
+
 _BAD_VALUES = {
     "abc": "abc",
     "nan": math.nan,
@@ -63,6 +67,8 @@ def mixed_reward(response: str, ground_truth: str, data_source: str = "none") ->
         return float(os.getpid())
     if response in _BAD_VALUES:
         return _BAD_VALUES[response]
+    if response == "labels":
+        return RewardResult(1, True, Label("answer"), Label("why"))
     if response == "result":
         return RewardResult(0.25, ground_truth == "yes", ground_truth, f"source={data_source}")
     return length_reward(response, ground_truth)

@@ -48,6 +48,10 @@ def test_scores_come_back_in_order(mixed):
 def test_user_code_runs_only_in_workers(mixed):
     (result,) = _score(mixed, ["pid"])
     assert result.reward > 0 and int(result.reward) != os.getpid()
+    # Fields of user-defined str subclasses arrive as plain values.
+    (result,) = _score(mixed, ["labels"])
+    assert result == RewardResult(1.0, True, "answer", "why")
+    assert type(result.reward) is float and type(result.reason) is type(result.extracted) is str
     assert "reward_fns" not in sys.modules  # never imported by the trainer process
 
 

@@ -1,13 +1,14 @@
 """Reward functions scored in worker processes with a per-sample deadline.
 
 A reward function is named by a dotted path, ``"package.module:function"``, and called as
-``function(response: str, ground_truth: str, **extra) -> float | RewardResult`` (``extra`` holds
-per-sample fields such as ``data_source``; a function that wants none may omit ``**extra`` only if
-the caller passes no extras). ``RewardPool`` imports and calls it ONLY inside a small pool of
-long-lived spawned worker processes, so user code never runs in the trainer process, and one bad
-sample cannot stop the run:
+``function(response: str, ground_truth: str, **extra) -> float | RewardResult``; ``extra`` holds
+the per-sample fields the caller passes (the trainer passes ``data_source``), so a function
+should accept ``**extra`` (or name the fields it uses). ``RewardPool`` imports and calls it ONLY
+inside a small pool of long-lived spawned worker processes, so user code never runs in the
+trainer process, and one bad sample cannot stop the run (failures score ``error_reward``, -1.0
+by default, with correct=False):
 
-- the function raises            -> ``error_reward``, correct=False, reason "error: <type>: <msg>"
+- the function raises            -> reason "error: <type>: <msg>" (SystemExit included)
 - it runs past ``timeout_s``     -> the worker is killed (SIGKILL) and replaced; reason "timeout"
 - the worker dies (segfault, ...) -> it is replaced; reason "error: reward worker died (...)"
 - it returns a bool, a non-number or a non-finite number -> reason "error: TypeError/ValueError:
@@ -141,7 +142,9 @@ def _as_fields(value: Any) -> tuple[float, bool, str | None, str]:
         raise TypeError(f"RewardResult.extracted must be str or None, got {_show(value.extracted)}")
     if not isinstance(value.reason, str):
         raise TypeError(f"RewardResult.reason must be a str, got {_show(value.reason)}")
-    return reward, value.correct, value.extracted, value.reason
+    # str() makes str subclasses plain str, so unpickling the fields imports no user module.
+    extracted = None if value.extracted is None else str(value.extracted)
+    return reward, value.correct, extracted, str(value.reason)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

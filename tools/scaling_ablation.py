@@ -73,6 +73,8 @@ class AblationConfig:
     actor_layers: int = 2
     actor_vocab_size: int = 2048
     repeats: int = 3
+    min_time_s: float = 0.2
+    """Single-process rows repeat short calls until this much time has passed (max 50)."""
     device: str = "cpu"
     threads: int = 0
     """torch threads per process (0: torch's default here, cores / CP in each CP rank)."""
@@ -246,9 +248,8 @@ def bench_scan(config: AblationConfig, device: torch.device) -> list[Measurement
             rows.append(_skip(row, reason))
             continue
         x = torch.randn(config.batch_size, length, device=device)
-        rows.append(
-            measure(row, lambda x=x: discounted_future_sum(x, GAMMA), config.repeats, device)
-        )
+        call = functools.partial(discounted_future_sum, x, GAMMA)
+        rows.append(measure(row, call, config.repeats, device, config.min_time_s))
     return rows
 
 
@@ -294,7 +295,7 @@ def bench_logprobs(config: AblationConfig, device: torch.device) -> list[Measure
                 rows.append(_skip(row, reason))
                 continue
             call = functools.partial(fn, *inputs)
-            rows.append(measure(row, call, config.repeats, device))
+            rows.append(measure(row, call, config.repeats, device, config.min_time_s))
     return rows
 
 
@@ -600,10 +601,13 @@ def parse_config(argv: Sequence[str] | None = None) -> AblationConfig:
     parser.add_argument("--actor-lengths", type=_ints)
     parser.add_argument("--cp-sizes", type=_ints)
     parser.add_argument("--benches", type=lambda s: tuple(s.split(",")), help=",".join(BENCHES))
-    for name in ("batch_size", "hidden_size", "vocab_size", "repeats", "threads"):
+    int_options = ("batch_size", "hidden_size", "vocab_size", "logprob_chunk_size", "repeats")
+    int_options += ("threads", "actor_hidden_size", "actor_layers", "actor_vocab_size")
+    for name in int_options:
         parser.add_argument("--" + name.replace("_", "-"), type=int)
     parser.add_argument("--device")
     parser.add_argument("--max-mem-gb", type=float)
+    parser.add_argument("--min-time-s", type=float)
     parser.add_argument("--output-dir")
     args = vars(parser.parse_args(argv))
     values = dict(QUICK) if args.pop("quick") else {}

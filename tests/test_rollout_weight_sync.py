@@ -97,7 +97,13 @@ def scenario(rank, world_size):
         actor.compute_log_probs(batch) + batch.old_log_probs[:, : int(batch.response_lengths.max())]
     )
     actor.train_step(batch)
-    out["version2"] = sync.sync(engine)
+    # The second sync reuses its buffers across buckets (the HF engine copies each tensor).
+    reuse = WeightSync(
+        actor.named_parameters_for_sync,
+        hf,
+        WeightSyncConfig(bucket_bytes=BUCKET_BYTES, reuse_buffers=True),
+    )
+    out["version2"] = reuse.sync(engine, version=sync.version + 1)
     full = checkpoint.gather_full_parameters(actor.model, vocab_size=VOCAB)
     if rank == 0:
         out["full"] = full

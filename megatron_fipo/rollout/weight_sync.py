@@ -40,6 +40,12 @@ class WeightSyncConfig:
 
     bucket_bytes: int = 512 * 1024**2
     """Upper bound on one bucket's full-tensor bytes (a larger single tensor gets its own)."""
+    reuse_buffers: bool = False
+    """Keep the bucket and staging buffers between buckets and syncs instead of allocating them
+    afresh (fresh host memory costs page faults: about 4x a copy on CPU). Then a yielded tensor
+    is valid only until the next bucket is requested: for engines that copy each tensor as it
+    arrives (HFRolloutEngine), not for ones that batch several buckets (SGLang's update buckets).
+    :meth:`WeightSync.release_buffers` frees them."""
     dtype: str | None = None
     """Cast for the engine (e.g. bfloat16); None keeps the actor's parameter dtype."""
 
@@ -125,6 +131,23 @@ class WeightSync:
         self.tp_group, self.pp_group = tp_group, pp_group
         self.version = 0
         self.stats = SyncStats()
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(
+        self, key: str, numel: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A [numel] tensor: fresh, or carved from the kept byte buffer `key` when reusing."""
+        if not self.config.reuse_buffers:
+            return torch.empty(numel, dtype=dtype, device=device)
+        num_bytes = numel * dtype.itemsize
+        kept = self._buffers.get(key)
+        if kept is None or kept.numel() < num_bytes or kept.device != device:
+            kept = self._buffers[key] = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        return kept[:num_bytes].view(dtype)
+
+    def release_buffers(self) -> None:
+        """Free the kept buffers (with ``reuse_buffers``), e.g. before a colocated train step."""
+        self._buffers.clear()
 
     def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
         """Push the current weights to `engine` (given on the driving rank, None elsewhere).
@@ -199,7 +222,9 @@ class WeightSync:
                 work.wait()
             return None
         device = shards[bucket[0].name].tensor.device
-        out = torch.empty(sum(meta.numel for meta in bucket), dtype=bucket[0].dtype, device=device)
+        out = self._buffer("bucket", sum(meta.numel for meta in bucket), bucket[0].dtype, device)
+        staging = self._buffer("staging", _staging_numel(bucket, shards), bucket[0].dtype, device)
+        staging_offset = 0
         works, pending = [], []
         tags = [0] * tp_size  # the i-th piece from a rank carries tag i, as it was sent
         offset = 0
@@ -214,11 +239,12 @@ class WeightSync:
                 for dest in _piece_views(full, shard, source, tp_size):
                     # Row blocks are contiguous and are received in place; column blocks
                     # (row-parallel weights) go through a staging tensor.
-                    staged = (
-                        dest
-                        if dest.is_contiguous()
-                        else torch.empty(dest.shape, dtype=dest.dtype, device=device)
-                    )
+                    staged = dest
+                    if not dest.is_contiguous():
+                        staged = staging[staging_offset : staging_offset + dest.numel()].view(
+                            dest.shape
+                        )
+                        staging_offset += dest.numel()
                     src = dist.get_global_rank(self.tp_group, source)
                     works.append(dist.irecv(staged, src=src, group=self.tp_group, tag=tags[source]))
                     tags[source] += 1
@@ -236,8 +262,9 @@ class WeightSync:
         self, bucket: list[ParamMeta], buffer: torch.Tensor | None, stage: int, device: torch.device
     ) -> torch.Tensor:
         if buffer is None:
-            numel = sum(meta.numel for meta in bucket)
-            buffer = torch.empty(numel, dtype=bucket[0].dtype, device=device)
+            buffer = self._buffer(
+                "bucket", sum(meta.numel for meta in bucket), bucket[0].dtype, device
+            )
         dist.broadcast(buffer, src=dist.get_global_rank(self.pp_group, stage), group=self.pp_group)
         return buffer
 
@@ -259,6 +286,17 @@ class WeightSync:
             for hf_name, tensor in self.adapter.megatron_to_hf(meta.name, full):
                 self.stats.num_tensors += 1
                 yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _staging_numel(bucket: list[ParamMeta], shards: dict[str, Any]) -> int:
+    """Elements of the pieces that arrive from other TP ranks but land non-contiguously
+    (dim-1 blocks of row-parallel weights)."""
+    total = 0
+    for meta in bucket:
+        shard = shards[meta.name]
+        if meta.tensor_parallel and shard.partition_dim == 1:
+            total += shard.tensor.numel() * (shard.tp_size - 1)
+    return total
 
 
 def _local_pieces(shard: Any) -> list[torch.Tensor]:

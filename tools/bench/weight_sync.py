@@ -7,8 +7,11 @@ into the bucket, QKV / gate-up split, vocab strip) and, with
 ``--copy-into-engine``, copies every yielded tensor into preallocated HF-shaped destination
 tensors the way an engine loads them. Reported: the full model bytes divided by the slowest
 rank's best-of-N time, next to a plain ``dst.copy_(src)`` of the same number of bytes measured in
-the same process, and their ratio (target: at least 0.5).
+the same process, and their ratio (target: at least 0.5). Also reported: the time to just send
+half the bytes from rank 1 to rank 0 (the transport floor of any TP=2 gather; on CPU gloo this
+is loopback TCP, far below memcpy speed) and resharding's ratio to it.
 Usage: python tools/bench/weight_sync.py [--bucket-mb 256] [--repeats 3] [--copy-into-engine]
+       [--reuse-buffers]
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def _rank_main(rank: int, port: int, args, results) -> None:
     shards = build_shards(rank, dtype)
     world = dist.group.WORLD
     pp_group = dist.new_group([rank], use_local_synchronization=True)  # one stage per TP rank
-    config = WeightSyncConfig(bucket_bytes=args.bucket_mb * 1024**2)
+    config = WeightSyncConfig(
+        bucket_bytes=args.bucket_mb * 1024**2, reuse_buffers=args.reuse_buffers
+    )
     sync = WeightSync(lambda: shards, QWEN25_05B, config, tp_group=world, pp_group=pp_group)
     engine_params = {}
     if rank == 0 and args.copy_into_engine:
@@ -112,6 +117,16 @@ def _rank_main(rank: int, port: int, args, results) -> None:
     src = torch.empty(int(total.item()), dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
     copy_s = best_time(lambda: dst.copy_(src), args.repeats)
+    # The transport floor: rank 1 sends its half of the bytes to rank 0, nothing else.
+    half = src[: src.numel() // 2]
+    chunk = args.bucket_mb * 1024**2
+
+    def transfer():
+        for start in range(0, half.numel(), chunk):
+            piece = half[start : start + chunk]
+            (dist.send(piece, dst=0) if rank == 1 else dist.recv(piece, src=1))
+
+    p2p_s = best_time(transfer, args.repeats)
     if rank == 0:
         gb = total.item() / 1e9
         results.put(
@@ -120,11 +135,14 @@ def _rank_main(rank: int, port: int, args, results) -> None:
                 bucket_mb=args.bucket_mb,
                 num_buckets=sync.stats.num_buckets,
                 copy_into_engine=args.copy_into_engine,
+                reuse_buffers=args.reuse_buffers,
                 reshard_s=round(reshard_s, 3),
                 reshard_gb_per_s=round(gb / reshard_s, 3),
                 memcpy_s=round(copy_s, 3),
                 memcpy_gb_per_s=round(gb / copy_s, 3),
                 ratio=round(copy_s / reshard_s, 3),
+                p2p_half_s=round(p2p_s, 3),
+                ratio_to_p2p_floor=round(p2p_s / reshard_s, 3),
             )
         )
     dist.destroy_process_group()
@@ -136,6 +154,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--copy-into-engine", action="store_true")
+    parser.add_argument(
+        "--reuse-buffers", action="store_true", help="WeightSyncConfig.reuse_buffers"
+    )
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -153,7 +174,8 @@ def main() -> None:
     print(json.dumps(result))
     print(
         f"resharding {result['model_gb']} GB at TP={TP}: {result['reshard_gb_per_s']} GB/s; "
-        f"memcpy of the same bytes: {result['memcpy_gb_per_s']} GB/s; ratio {result['ratio']}"
+        f"memcpy of the same bytes: {result['memcpy_gb_per_s']} GB/s; ratio {result['ratio']}; "
+        f"time of the bare TP transfer / resharding time: {result['ratio_to_p2p_floor']}"
     )
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_fipo.megatron.model import padded_vocab_size
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -116,8 +118,6 @@ class ModelDims:
             )
         head_dim = _get(config, "head_dim", config["hidden_size"] // heads)
         ADAPTERS[model_type].check_config(config)
-        from megatron_fipo.megatron.model import padded_vocab_size
-
         return cls(
             model_type=model_type,
             num_layers=config["num_hidden_layers"],
@@ -381,10 +381,46 @@ class Adapter:
             parts = (tensor,)
         return list(zip(names, parts, strict=True))
 
-    def hf_layer(self, hf_name: str) -> int | None:
-        """Layer number of an HF tensor name (None for embeddings, final norm, head)."""
-        match = _HF_LAYER_NAME.match(hf_name)
-        return None if match is None else int(match.group(1))
+    def row_pieces(self, megatron_name: str) -> list[RowPiece]:
+        """The fused layout of ``megatron_name`` as row copies (the streaming converter reads and
+        writes these in place, with no intermediate tensors).
+
+        Same layout as :meth:`hf_to_megatron`: per query group its q rows, k rows, v rows for
+        ``linear_qkv``; gate then up for ``linear_fc1``; the vocab rows (padding rows are not
+        covered: zeros) for the embedding and output layer; one full piece otherwise.
+        """
+        _, suffix = split_layer_name(megatron_name)
+        names, d = self.hf_sources(megatron_name), self.dims
+        if suffix in (QKV_WEIGHT, QKV_BIAS):
+            per_group = d.num_heads // d.num_query_groups
+            q_rows, stride = per_group * d.head_dim, (per_group + 2) * d.head_dim
+            pieces = []
+            for group in range(d.num_query_groups):
+                base = group * stride
+                pieces += [
+                    RowPiece(names[0], group * q_rows, base, q_rows),
+                    RowPiece(names[1], group * d.head_dim, base + q_rows, d.head_dim),
+                    RowPiece(names[2], group * d.head_dim, base + q_rows + d.head_dim, d.head_dim),
+                ]
+            return pieces
+        if suffix == FC1_WEIGHT:
+            ffn = d.ffn_hidden_size
+            return [RowPiece(names[0], 0, 0, ffn), RowPiece(names[1], 0, ffn, ffn)]
+        if suffix in (EMBEDDING, OUTPUT):
+            return [RowPiece(names[0], 0, 0, d.vocab_size)]
+        # Norms, o_proj, down_proj and the final norm all have hidden_size rows.
+        return [RowPiece(names[0], 0, 0, d.hidden_size)]
+
+
+@dataclass(frozen=True, slots=True)
+class RowPiece:
+    """Rows ``[hf_row, hf_row + num_rows)`` of HF tensor ``hf_name`` are rows
+    ``[megatron_row, megatron_row + num_rows)`` of the Megatron tensor (dim 0)."""
+
+    hf_name: str
+    hf_row: int
+    megatron_row: int
+    num_rows: int
 
 
 class Qwen2Adapter(Adapter):

@@ -154,18 +154,37 @@ def _plan_chunks(
 ) -> list[ChunkWrite]:
     """One ChunkWrite per (tensor, layer), layer-major so HF shards are read mostly in order."""
 
-    def producer(name: str, per_layer: bool):
+    # Per-layer chunks reuse one buffer per shape (a layer's worth of memory): fresh allocations
+    # would page-fault (zero-fill) on every read, which costs about as much as the read itself.
+    # Exact-size buffers, because torch.save writes a tensor's whole storage. Safe because the
+    # DCP writer writes each chunk before it asks for the next (megatron_io._StreamingWriter).
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def producer(name: str, shape: tuple[int, ...], per_layer: bool):
         def produce() -> torch.Tensor:
-            tensor = adapter.hf_to_megatron(name, reader.get)
-            bar.update(sum(reader.tensors[src].nbytes for src in adapter.hf_sources(name)))
-            return tensor.unsqueeze(0) if per_layer else tensor
+            out = buffers.get(shape) if per_layer else None
+            if out is None:
+                out = torch.empty(shape, dtype=dtype)
+                buffers[shape] = out if per_layer else None
+            # Every source row range is read straight into its place in the fused tensor
+            # (Adapter.row_pieces: the layout Adapter.hf_to_megatron builds), no temporaries.
+            pieces = adapter.row_pieces(name)
+            covered = sum(p.num_rows for p in pieces)
+            out[covered:] = 0  # vocab padding rows
+            for piece in pieces:
+                rows = out.narrow(0, piece.megatron_row, piece.num_rows)
+                reader.read_rows(piece.hf_name, piece.hf_row, rows)
+                bar.update(rows.numel() * rows.element_size())
+            return out.unsqueeze(0) if per_layer else out
 
         return produce
 
     specs = adapter.megatron_specs()
     layers = adapter.dims.num_layers
     chunks = [
-        ChunkWrite(s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, False))
+        ChunkWrite(
+            s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, s.shape, False)
+        )
         for s in specs
         if not s.per_layer and s.key == EMBEDDING
     ]
@@ -178,11 +197,13 @@ def _plan_chunks(
                     (layer,) + (0,) * len(s.shape),
                     (1, *s.shape),
                     dtype,
-                    producer(_layer_name(s, layer), True),
+                    producer(_layer_name(s, layer), s.shape, True),
                 )
             )
     chunks += [
-        ChunkWrite(s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, False))
+        ChunkWrite(
+            s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, s.shape, False)
+        )
         for s in specs
         if not s.per_layer and s.key != EMBEDDING
     ]
@@ -345,10 +366,14 @@ def megatron_to_hf(
         for name, key, offsets, sizes, per_layer in _megatron_blocks(adapter, reader):
             block = reader.read(key, offsets, sizes)
             block = block[0] if per_layer else block
-            for hf_name, tensor in adapter.megatron_to_hf(name, block):
-                tensor = tensor.to(dtype) if dtype is not None else tensor
-                writer_of[hf_name].write(hf_name, tensor.contiguous())
-                bar.update(tensor.numel() * tensor.element_size())
+            if key == OUTPUT and adapter.dims.tie_embeddings:
+                continue
+            # Row pieces go from the block straight to their place in the HF shard files.
+            for piece in adapter.row_pieces(name):
+                rows = block.narrow(0, piece.megatron_row, piece.num_rows)
+                rows = rows.to(dtype) if dtype is not None else rows
+                writer_of[piece.hf_name].write_rows(piece.hf_name, piece.hf_row, rows)
+                bar.update(rows.numel() * rows.element_size())
         for writer in writers:
             writer.close()
         index = {

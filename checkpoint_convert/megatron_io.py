@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.serialization
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import _create_file_view, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -49,6 +50,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from checkpoint_convert.adapters import ConversionError
+from checkpoint_convert.safetensors_io import WritebackPacer
 
 # What megatron-core 0.16.1 writes for a torch_dist checkpoint (read by dist_checkpointing.load).
 MCORE_METADATA = {
@@ -134,13 +136,19 @@ class _StreamingWriter(FileSystemWriter):
     torch's writer keeps the last tensor written under every key (for its safetensors mode),
     which would pin the embedding and one whole layer for the length of the save. Ours writes
     the items in plan order into one file, each with ``torch.save`` exactly as the stock writer
-    does (so the stock reader, and megatron-core's, read it), and keeps nothing.
+    does (so the stock reader, and megatron-core's, read it), and keeps nothing. Each item is
+    fully written before the next is resolved, so producers may reuse one buffer.
     """
 
     def write_data(self, plan: SavePlan, planner) -> Future:
         file_name = f"{plan.storage_data.prefix}0.distcp"
-        results = []
-        with open(Path(self.path) / file_name, "wb") as stream:
+        results, pacer = [], WritebackPacer()
+        # torch.save's per-record CRC32 costs more than the disk write itself; torch.load
+        # (DCP's reader, megatron-core's) does not need it.
+        with (
+            torch.utils.serialization.config.patch({"save.compute_crc32": False}),
+            open(Path(self.path) / file_name, "wb") as stream,
+        ):
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = stream.tell()
@@ -149,6 +157,8 @@ class _StreamingWriter(FileSystemWriter):
                 else:
                     torch.save(data, stream)
                 length = stream.tell() - offset
+                stream.flush()
+                pacer.wrote(stream.fileno(), length)
                 info = _StorageInfo(relative_path=file_name, offset=offset, length=length)
                 results.append(
                     WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
@@ -229,10 +239,28 @@ class DistCheckpointReader:
         """The block ``[offsets, offsets + sizes)`` of tensor ``key``, in its stored dtype."""
         entry = self.tensor_metadata(key)
         chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-        buffer = torch.empty(sizes, dtype=entry.properties.dtype)
         items = create_read_items_for_chunk_list(key, entry, [chunk])
         covered = sum(torch.Size(item.lengths).numel() for item in items)
-        if covered != buffer.numel():
+        if covered != torch.Size(sizes).numel():
             raise ConversionError(f"{key}: the checkpoint does not cover block {offsets} + {sizes}")
+        if len(items) == 1 and entry.chunks[items[0].storage_index.index].sizes == chunk.sizes:
+            return self._load_stored_chunk(items[0])
+        buffer = torch.empty(sizes, dtype=entry.properties.dtype)
         self._reader.read_data(LoadPlan(items), _BufferSink({key: buffer})).wait()
         return buffer
+
+    def _load_stored_chunk(self, item: ReadItem) -> torch.Tensor:
+        """A stored chunk exactly as saved: loaded once, without the reader's copy into a buffer."""
+        info = self.metadata.storage_data[item.storage_index]
+        if info.transform_descriptors:  # compressed etc.: let DCP's reader undo it
+            buffer = torch.empty(
+                tuple(item.lengths),
+                dtype=self.tensor_metadata(item.storage_index.fqn).properties.dtype,
+            )
+            self._reader.read_data(
+                LoadPlan([item]), _BufferSink({item.dest_index.fqn: buffer})
+            ).wait()
+            return buffer
+        with open(self.directory / info.relative_path, "rb") as stream:
+            view = _create_file_view(stream, info.offset, info.length)
+            return torch.load(view, map_location="cpu", weights_only=True)

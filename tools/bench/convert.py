@@ -3,8 +3,9 @@
     python -m tools.bench.convert [--layers 10] [--work-dir DIR] [--repeats 2]
 
 Writes a random Qwen2-shaped bf16 checkpoint (about 1.2 GB at the default 10 layers), then, each
-in a fresh subprocess (so peak RSS is the step's own): copies the shards (``shutil.copyfile``),
-converts HF -> Megatron and Megatron -> HF. Reports GB/s (weight bytes / wall time, best of
+in a fresh subprocess (so peak RSS is the step's own; after an untimed warm-up conversion of a
+tiny model, so imports are not timed): copies the shards (``shutil.copyfile``), converts
+HF -> Megatron and Megatron -> HF. Reports GB/s (weight bytes / wall time, best of
 ``--repeats``) and peak-RSS growth over the step's starting RSS (imports done). The target is
 conversion throughput >= 0.5x the copy throughput. Every step starts after ``os.sync()``,
 reads from a warm page cache and ends with its output flushed to disk (the copy fsyncs each
@@ -29,7 +30,14 @@ _STEP = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from checkpoint_convert.convert import hf_to_megatron, megatron_to_hf
-    step, src, dst = sys.argv[1:4]
+    from checkpoint_convert.random_checkpoint import qwen2_config, write_random_checkpoint
+    step, src, dst, scratch = sys.argv[1:5]
+    # Warm-up (untimed): first-call imports and allocations are not throughput.
+    tiny = qwen2_config(num_layers=2, hidden_size=64, ffn_hidden_size=128, vocab_size=256,
+                        num_heads=4, num_kv_heads=2)
+    write_random_checkpoint(Path(scratch) / "tiny", tiny)
+    hf_to_megatron(Path(scratch) / "tiny", Path(scratch) / "tiny_m", progress=False)
+    megatron_to_hf(Path(scratch) / "tiny_m", Path(scratch) / "tiny_hf", progress=False)
     status = Path("/proc/self/status")
     kib = lambda field: int(re.search(field + r":\s+(\d+)", status.read_text()).group(1))
     os.sync()  # start every step with no dirty pages of earlier steps
@@ -56,8 +64,10 @@ _STEP = textwrap.dedent(
 def _run_step(step: str, src: Path, dst: Path) -> dict:
     if dst.exists():
         shutil.rmtree(dst)
+    scratch = dst.with_name(dst.name + "_warmup")
+    shutil.rmtree(scratch, ignore_errors=True)
     child = subprocess.run(
-        [sys.executable, "-c", _STEP, step, str(src), str(dst)],
+        [sys.executable, "-c", _STEP, step, str(src), str(dst), str(scratch)],
         capture_output=True,
         text=True,
         check=False,

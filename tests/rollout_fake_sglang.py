@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_fipo.rollout.sglang_engine import new_custom_process_group  # noqa: E402
+from megatron_fipo.rollout.sglang_server import new_custom_process_group  # noqa: E402
 
 OPT = object()  # marks an optional field
 
@@ -135,6 +135,11 @@ def handle(state, path, body):
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(log_probs, tokens)]
             meta["output_token_logprobs_length"] = len(tokens)
         return 200, {"output_ids": tokens, "meta_info": meta}
+    return handle_weights(state, path, body)
+
+
+def handle_weights(state, path, body):
+    """The weight, memory and cache routes."""
     if path == "/update_weights_from_tensor":
         if len(body["serialized_named_tensors"]) != state.args.tp_size:
             return 400, {"success": False, "message": "need one payload per TP rank"}

@@ -133,8 +133,14 @@ def test_pause_resume_payloads(engine):
     with pytest.raises(RuntimeError, match="paused"):
         engine.generate(make_requests(1))
     engine.resume()
-    paths = [e["path"] for e in journal(engine.servers[0])][-3:]
-    assert paths == ["/flush_cache", "/release_memory_occupation", "/resume_memory_occupation"]
+    engine.pause(tags=["kv_cache"])
+    engine.resume(tags=["kv_cache"])
+    calls = [(e["path"], e["body"]) for e in journal(engine.servers[0])][-6:]
+    assert calls == [
+        ("/flush_cache", {}), ("/release_memory_occupation", {}), ("/resume_memory_occupation", {}),
+        ("/flush_cache", {}), ("/release_memory_occupation", {"tags": ["kv_cache"]}),
+        ("/resume_memory_occupation", {"tags": ["kv_cache"]}),
+    ]  # fmt: skip
     assert engine.generate(make_requests(1, max_new_tokens=2))[0].finish_reason == "length"
     assert engine.health().healthy
 

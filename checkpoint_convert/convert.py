@@ -366,8 +366,6 @@ def megatron_to_hf(
         for name, key, offsets, sizes, per_layer in _megatron_blocks(adapter, reader):
             block = reader.read(key, offsets, sizes)
             block = block[0] if per_layer else block
-            if key == OUTPUT and adapter.dims.tie_embeddings:
-                continue
             # Row pieces go from the block straight to their place in the HF shard files.
             for piece in adapter.row_pieces(name):
                 rows = block.narrow(0, piece.megatron_row, piece.num_rows)

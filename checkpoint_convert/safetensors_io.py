@@ -67,9 +67,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise ConversionError(f"corrupt safetensors header in {path}: {error}") from error
     base = 8 + header_len
     infos = {}
+    if not isinstance(header, dict):
+        raise ConversionError(f"corrupt safetensors header in {path}: not a JSON object")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ConversionError(f"corrupt safetensors header in {path}: entry {name!r}")
         if entry["dtype"] not in DTYPES:
             raise ConversionError(
                 f"unsupported dtype {entry['dtype']} for tensor {name!r} in {path}; "

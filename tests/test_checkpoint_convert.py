@@ -129,6 +129,26 @@ def test_megatron_to_hf_accepts_local_and_te_names(models):
     assert hf_name == "model.embed_tokens.weight" and torch.equal(tensor, embedding[:300])
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_row_pieces_agree_with_tensor_api(models, kind):
+    """The converter's in-place row copies and the rollout's tensor API are one layout."""
+    adapter = adapter_for(json.loads((models[kind] / "config.json").read_text()))
+    hf = load_hf_tensors(models[kind])
+    for spec in adapter.megatron_specs():
+        layers = range(adapter.dims.num_layers) if spec.per_layer else [None]
+        for layer in layers:
+            name = spec.key if layer is None else spec.key.replace("layers.", f"layers.{layer}.")
+            fused = adapter.hf_to_megatron(name, hf.__getitem__)
+            assert tuple(fused.shape) == spec.shape, name
+            by_pieces = torch.zeros(spec.shape)
+            for piece in adapter.row_pieces(name):
+                source = hf[piece.hf_name][piece.hf_row : piece.hf_row + piece.num_rows]
+                by_pieces[piece.megatron_row : piece.megatron_row + piece.num_rows] = source
+            assert torch.equal(fused, by_pieces), name
+            for hf_name, tensor in adapter.megatron_to_hf(name, fused):
+                assert torch.equal(tensor, hf[hf_name]), hf_name
+
+
 # ---------------------------------------------------------------- round trips
 
 

@@ -1,6 +1,7 @@
 """A stand-in SGLang server for CPU tests: SGLang 0.5.23's request schemas, response shapes, routes.
 
-Run as `python tests/rollout_fake_sglang.py --host H --port P [--die-on-generate N]`. It validates
+Run as `python tests/rollout_fake_sglang.py --host H --port P [--die-on-generate N]
+[--die-on-update N]` (exit on the N-th such request, as a crash mid-request). It validates
 every payload against the field names and types of SGLang's request dataclasses
 (`srt/managers/io_struct.py`, `api/v1/api_types.py`) -- stricter than SGLang in one way: unknown
 keys are refused everywhere, so a misspelt field cannot pass silently. The "model" is a fixed
@@ -64,6 +65,7 @@ class State:
         self.groups: dict[str, dist.ProcessGroup] = {}
         self.journal: list[dict] = []
         self.num_generates = 0
+        self.num_updates = 0
 
 
 def schema_error(path, body):
@@ -141,6 +143,9 @@ def handle(state, path, body):
 def handle_weights(state, path, body):
     """The weight, memory and cache routes."""
     if path == "/update_weights_from_tensor":
+        state.num_updates += 1
+        if state.num_updates == state.args.die_on_update:
+            os._exit(18)
         if len(body["serialized_named_tensors"]) != state.args.tp_size:
             return 400, {"success": False, "message": "need one payload per TP rank"}
         for payload in body["serialized_named_tensors"]:
@@ -236,6 +241,7 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--die-on-generate", type=int, default=0)
+    parser.add_argument("--die-on-update", type=int, default=0)
     parser.add_argument("--generate-delay", type=float, default=0.05)
     args, _ = parser.parse_known_args()
     server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args)))

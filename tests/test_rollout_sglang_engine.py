@@ -16,6 +16,7 @@ import torch.multiprocessing
 
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
 from megatron_fipo.rollout.sglang_engine import SGLangEngineConfig, SGLangRolloutEngine
+from megatron_fipo.rollout.sglang_server import ServerDied
 
 FAKE = pathlib.Path(__file__).with_name("rollout_fake_sglang.py")
 spec = importlib.util.spec_from_file_location("rollout_fake_sglang", FAKE)
@@ -33,12 +34,17 @@ def file_system_sharing():
     torch.multiprocessing.set_sharing_strategy(previous)
 
 
-def launcher(die_on_generate=0, delay=0.05):
+def launcher(die_on_generate=0, delay=0.05, die_on_update=0):
     def command(config, spec):
         cmd = [sys.executable, str(FAKE), "--host", spec.host, "--port", str(spec.port)]
         cmd += ["--tp-size", str(config.tp_size), "--generate-delay", str(delay)]
-        if die_on_generate and spec.launch_count == 0:
-            cmd += ["--die-on-generate", str(die_on_generate)]
+        if spec.launch_count == 0:  # only the first start of each server crashes
+            cmd += [
+                "--die-on-generate",
+                str(die_on_generate),
+                "--die-on-update",
+                str(die_on_update),
+            ]
         return cmd
 
     return command
@@ -175,6 +181,18 @@ def test_unfinished_requests_are_retried_after_a_crash():
                 sample.response_token_ids
                 == expected_tokens({}, request.prompt_token_ids, {"max_new_tokens": 4})[0]
             )
+
+
+def test_crash_during_update_blocks_generation_until_an_update_succeeds():
+    config = SGLangEngineConfig(model_path="/unused", update_bucket_bytes=60)
+    with SGLangRolloutEngine(config, launch_command=launcher(die_on_update=2)) as engine:
+        with pytest.raises(ServerDied):
+            engine.update_weights(WEIGHTS, version=1)  # the 2nd bucket kills the server
+        with pytest.raises(RuntimeError, match="failed midway"):
+            engine.generate(make_requests(1))
+        engine.update_weights(WEIGHTS, version=1)  # restarts the dead server first
+        assert engine.servers[0].spec.launch_count == 1
+        assert engine.generate(make_requests(1, max_new_tokens=2))[0].weights_version == 1
 
 
 def test_distributed_update_and_resync_over_gloo():

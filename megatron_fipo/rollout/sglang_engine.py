@@ -199,6 +199,7 @@ class SGLangRolloutEngine(RolloutEngine):
         self._restart_counts = [0] * config.num_servers
         self._lock = threading.RLock()
         self._group: dist.ProcessGroup | None = None
+        self._update_incomplete = False
 
     # ----- lifecycle -----
 
@@ -251,6 +252,10 @@ class SGLangRolloutEngine(RolloutEngine):
         if self._paused:
             raise RuntimeError(
                 "SGLangRolloutEngine.generate called while paused; call resume() first"
+            )
+        if self._update_incomplete:
+            raise RuntimeError(
+                "the last update_weights failed midway; call update_weights again before generating"
             )
         self.start()
         if not requests:
@@ -330,9 +335,17 @@ class SGLangRolloutEngine(RolloutEngine):
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Push HF-named full tensors to every server in buckets; the last bucket sets `version`."""
+        """Push HF-named full tensors to every server in buckets; the last bucket sets `version`.
+
+        Dead servers are restarted first. If a server fails midway the engine refuses to
+        generate (servers may hold a mix of two versions) until an update succeeds.
+        """
         self.start()
         with self._lock:
+            for index, server in enumerate(self._servers):
+                if not server.alive():
+                    self._recover(index, server)
+            self._update_incomplete = True
             stream: Iterable[tuple[str, torch.Tensor]] = named_tensors
             if self._weights_source is None:
                 kept: list[tuple[str, torch.Tensor]] = []
@@ -344,6 +357,7 @@ class SGLangRolloutEngine(RolloutEngine):
             if self._weights_source is None:
                 self._host_weights = kept
             self._version = int(version)
+            self._update_incomplete = False
 
     def _push_tensor(
         self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int

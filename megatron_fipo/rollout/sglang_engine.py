@@ -470,6 +470,8 @@ class SGLangRolloutEngine(RolloutEngine):
         self._paused = True
 
     def resume(self, tags: list[str] | None = None) -> None:
+        """Retake the released memory. Weight contents are not guaranteed after a release
+        (unless the servers run with --enable-weights-cpu-backup): call `update_weights` next."""
         timeout = self.config.request_timeout_s
         _on_each(
             self._servers, "/resume_memory_occupation", {"tags": tags} if tags else {}, timeout

@@ -327,7 +327,9 @@ def cp_scan_rows(config: AblationConfig, rank: int, cp_size: int) -> list[Measur
         local = split_to_local(x, layout)
         index = ChunkIndex.from_layout(layout)
         call = functools.partial(cp_future_sum, local, GAMMA, layout, None, index)
-        measure(row, call, config.repeats, device, min_total_s=0.0)
+        # Milliseconds per call, dominated by gloo latency: a fixed 10+ repeats (the same on
+        # every rank) gives a stable minimum.
+        measure(row, call, max(config.repeats, 10), device, min_total_s=0.0)
         rows.append(_max_over_ranks(row))
     return rows
 
@@ -440,6 +442,8 @@ def _world_rank(rank: int, world_size: int, port: int, config: AblationConfig, r
             rows += actor_rows(config, world_size)
         if rank == 0:
             results.put([asdict(row) for row in rows])
+        # No rank may tear down its gloo pairs while a peer still sends (that aborts it).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -585,7 +589,7 @@ def run_ablation(config: AblationConfig) -> tuple[list[Measurement], list[dict]]
     fit_columns = [f for f in fits[0]] if fits else ["bench"]
     write_csv(out / "scaling_fit.csv", fits, fit_columns)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    title = f"FIPO scaling ablation ({device_name}, {torch.get_num_threads()} threads)"
+    title = f"FIPO scaling ablation ({device_name}, torch threads={torch.get_num_threads()})"
     plot(rows, out / "scaling.png", title)
     return rows, fits
 

@@ -50,6 +50,8 @@ def write_run(path, num_steps: int, fipo: bool, seed: float) -> None:
                     "fipo/future_kl_p90": 0.01 * step,
                 }
             )
+        if step % 5 == 0:  # evaluated every 5 steps only: a sparse series
+            record["eval/aime_accuracy"] = 0.1 + 0.004 * step * (1.3 if fipo else 1.0)
         if step == 3:
             del record["actor/grad_norm"]  # a missing key leaves a gap
         lines.append(json.dumps(record))
@@ -63,6 +65,7 @@ def test_read_metrics_series_and_missing_keys(tmp_path):
     run = read_metrics(path)
     assert [s for s, _ in run["reward/mean"]] == [0, 1, 2, 3, 4, 5]
     assert [s for s, _ in run["actor/grad_norm"]] == [0, 1, 2, 4, 5]
+    assert [s for s, _ in run["eval/aime_accuracy"]] == [0, 5]
     assert "note" not in run and "step" not in run
     assert run["response_length/max"][0] == (0.0, 2048.0)
 
@@ -117,7 +120,7 @@ def test_plot_overlays_runs_and_skips_empty_panels(tmp_path):
     out = tmp_path / "curves.png"
     drawn = plot_runs(runs, ["FIPO", "DAPO"], out, smooth_window=3, extra_keys=["perf/none"])
     assert out.read_bytes()[:8] == PNG_MAGIC
-    assert "future KL" in drawn and "FIPO influence weight" in drawn
+    assert "future KL" in drawn and "FIPO influence weight" in drawn and "eval accuracy" in drawn
     assert "entropy" not in drawn and "perf/none" not in drawn  # no data: no panel
     # DAPO alone has no fipo/* keys, so its plot has no FIPO panels.
     drawn_dapo = plot_runs(runs[1:], ["DAPO"], tmp_path / "dapo.png")

@@ -37,18 +37,20 @@ class Panel:
 
 
 PANELS: tuple[Panel, ...] = (
-    Panel("reward / accuracy", (r"reward/mean", r"accuracy", r"eval/.*avg@\d+")),
-    Panel("response length (tokens)", (r"response_length/(mean|max|median)",)),
+    Panel("reward / accuracy", (r"reward/mean", r"accuracy")),
+    Panel("eval accuracy", (r"eval/.*accuracy", r"eval/.*avg@\d+")),
+    Panel("rollout groups solved", (r"rollout/solve_(none|all)",)),
+    Panel("response length (tokens)", (r"response_length/(mean|max|median)", r"eval/.*_length")),
     Panel("response clip ratio", (r"response_length/clip_ratio",)),
     Panel("FIPO influence weight", (r"fipo/weight_(mean|max|min)",)),
     Panel("FIPO weight clipped fraction", (r"fipo/weight_clipped_mean",)),
     Panel(
         "future KL", (r"fipo/future_kl_mean", r"fipo/future_kl_p\d+", r"fipo/future_kl_(min|max)")
     ),
-    Panel("policy loss", (r"actor/pg_loss(_mean)?", r"actor/loss")),
+    Panel("policy loss", (r"actor/pg_loss(_mean|_sum)?", r"actor/loss")),
     Panel("grad norm", (r"actor/grad_norm",), log_y=True),
     Panel("entropy", (r"actor/entropy(_mean)?",)),
-    Panel("throughput (tokens/s)", (r"perf/tokens_per_s",)),
+    Panel("throughput (tokens/s)", (r"perf/.*tokens_per_s",)),
 )
 
 

@@ -183,6 +183,10 @@ class MegatronActor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.optim_config
+        if cfg.optimizer == "sgd" and self.config.use_distributed_optimizer:
+            raise ValueError(
+                "optimizer='sgd' needs use_distributed_optimizer=False (Megatron's is Adam only)"
+            )
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer=cfg.optimizer,

@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,7 @@ class CheckSettings:
                 micro_batch_size=self.micro_batch_size,
                 logprob_chunk_size=self.logprob_chunk_size,
                 seed=self.seed,
+                use_distributed_optimizer=not sgd,  # Megatron's supports Adam only
             ),
             ActorOptimizerConfig(
                 optimizer=self.optimizer,
@@ -189,7 +191,12 @@ def _spawned_rank(rank, world_size, port, parallel, settings, checkpoint_dir, re
     )
     os.environ.setdefault("LOCAL_RANK", str(rank))
     torch.set_num_threads(1)
-    out = run_layout(parallel, settings, checkpoint_dir, reference)
+    try:
+        out = run_layout(parallel, settings, checkpoint_dir, reference)
+    except BaseException:
+        # Without this the parent would wait on the queue forever.
+        results.put(traceback.format_exc().encode())
+        raise
     if rank == 0:
         # As bytes: tensors sent through the queue would live in this process's shared
         # memory, which is gone once it exits.
@@ -214,6 +221,8 @@ def spawn_run(world_size: int, parallel, settings, checkpoint_dir: str, referenc
         _spawned_rank, args=args, nprocs=world_size, start_method="spawn", join=False
     )
     result = results.get()
+    if not result.startswith(b"PK"):  # torch.save archives are zip files
+        raise RuntimeError("a check_parallel rank failed:\n" + result.decode())
     processes.join()
     return torch.load(io.BytesIO(result), weights_only=False)
 

@@ -67,7 +67,7 @@ def workspace(tmp_path_factory):
 
 
 def run(argv) -> dict:
-    main([str(a) for a in argv])
+    main([str(a) for a in [*argv, "--reward-workers", 1]])
     out = Path(argv[argv.index("--output-dir") + 1])
     return json.loads((out / "results.json").read_text())
 
@@ -166,3 +166,31 @@ def test_bad_inputs_name_the_problem(tmp_path):
         resolve_checkpoint(EvalConfig(**base))
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint(EvalConfig(**{**base, "checkpoint": str(tmp_path / "missing")}))
+
+
+def test_dapo_parquet_layout_with_prompt_template(workspace):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, model_dir, _ = workspace
+    rows = [
+        {
+            "data_source": "aime",
+            "prompt": [{"role": "user", "content": p["problem"]}],
+            "ability": "MATH",
+            "reward_model": {"ground_truth": p["answer"], "style": "rule"},
+            "extra_info": {"index": i},
+        }
+        for i, p in enumerate(PROBLEMS[:2])
+    ]
+    path = root / "dapo.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = root / "out_parquet"
+    results = run(
+        [model_dir, "--data", path, "--output-dir", out, "-n", 2, "--max-new-tokens", 4]
+        + ["--prompt-template", "dapo", "--pass-k", 1, 2]
+    )
+    assert [p["problem_id"] for p in results["problems"]] == ["dapo.parquet#0", "dapo.parquet#1"]
+    assert [r["ground_truth"] for r in read_samples(out)] == ["2", "2", "1", "1"]
+    assert results["config"]["prompt_template"] == "dapo"
+    assert set(results["overall"]) >= {"avg@2", "pass@1", "pass@2", "cons@2"}

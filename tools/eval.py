@@ -91,13 +91,16 @@ class EvalConfig:
     sglang_dtype: str = "bfloat16"
     reward_timeout_s: float = 10.0
     """Per-sample deadline of the math-verify comparison."""
+    reward_workers: int = 2
+    """math-verify worker processes (each ~100 MB)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ("hf", "sglang"):
             raise ValueError(f"engine must be 'hf' or 'sglang', got {self.engine!r}")
         if not self.data_files:
             raise ValueError("data_files is empty: give at least one jsonl / parquet file")
-        for name in ("num_samples", "max_new_tokens", "max_prompt_length", "problems_per_call"):
+        positive = ("num_samples", "max_new_tokens", "max_prompt_length", "problems_per_call")
+        for name in (*positive, "reward_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_problems < 0:
@@ -368,7 +371,7 @@ def score_samples(
                     "finish_reason": sample.finish_reason,
                 }
             )
-    with MathReward(timeout_s=config.reward_timeout_s) as reward:
+    with MathReward(num_workers=config.reward_workers, timeout_s=config.reward_timeout_s) as reward:
         results = reward.score_batch(texts, truths)
     for row, result in zip(rows, results):
         row.update(extracted_answer=result.extracted, correct=result.correct, reason=result.reason)
@@ -438,6 +441,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     parser.add_argument("--sglang-mem-fraction", type=float, default=0.8)
     parser.add_argument("--sglang-dtype", default="bfloat16")
     parser.add_argument("--reward-timeout-s", type=float, default=10.0)
+    parser.add_argument("--reward-workers", type=int, default=2)
     args = parser.parse_args(argv)
     return EvalConfig(
         checkpoint=args.checkpoint,
@@ -464,6 +468,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
         sglang_mem_fraction=args.sglang_mem_fraction,
         sglang_dtype=args.sglang_dtype,
         reward_timeout_s=args.reward_timeout_s,
+        reward_workers=args.reward_workers,
     )
 
 

@@ -1,0 +1,161 @@
+"""Builds what the loop drives from a :class:`FipoConfig`: Ray placement, the Megatron training
+ranks, the rollout engines, the reward pool, the tokenizer and the prompt data.
+
+``RunComponents`` is also the loop's narrow interface to them: ``generate`` spreads requests over
+the engine actors, ``score`` decodes responses and runs the reward pool, ``put`` shares one
+batch with every training rank through the Ray object store.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_fipo.cluster.workers import EngineWorker, RemoteEngines, TrainWorker, hf_config_of
+from megatron_fipo.config import FipoConfig
+from megatron_fipo.data.prompts import load_from_config
+from megatron_fipo.data.sampler import PromptDataLoader
+from megatron_fipo.data.templates import load_tokenizer, tokenize_prompts
+from megatron_fipo.rollout.engine import GenerationRequest, GenerationSample
+
+
+@dataclass(kw_only=True)
+class RunComponents:
+    config: FipoConfig
+    tokenizer: Any
+    train_loader: PromptDataLoader
+    eval_prompts: list
+    workers: Any  # RayActorGroup of TrainWorker
+    engines: Any  # RayActorGroup of EngineWorker
+    remote_engines: RemoteEngines
+    reward: Any
+    stop_token_ids: tuple[int, ...]
+    quiet: bool = False
+
+    def put(self, value: Any) -> Any:
+        import ray
+
+        return ray.put(value)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationSample]:
+        """Contiguous shares of ``requests`` per engine actor; results in request order."""
+        count = self.engines.num_workers
+        share = -(-len(requests) // count)
+        parts = [(requests[i * share : (i + 1) * share],) for i in range(count)]
+        results = self.engines.run_each("generate", parts)
+        return [sample for part in results for sample in part]
+
+    def score(self, samples: list[GenerationSample], examples: list) -> list[Any]:
+        texts = [
+            self.tokenizer.decode(s.response_token_ids, skip_special_tokens=True) for s in samples
+        ]
+        extras = [{"data_source": e.data_source} for e in examples]
+        return self.reward.score_batch(texts, [e.ground_truth for e in examples], extras)
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """One progress line per step on stderr."""
+        if self.quiet:
+            return
+        keys = (
+            "accuracy",
+            "reward/mean",
+            "response_length/mean",
+            "fipo/weight_mean",
+            "actor/grad_norm",
+            "eval/greedy_accuracy",
+            "eval/sampled_accuracy",
+            "perf/tokens_per_s",
+        )
+        shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+        print(f"[{time.strftime('%H:%M:%S')}] step {step}: {shown}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.reward.close()
+        for group in (self.engines, self.workers):
+            group.kill()
+
+
+def _prompts(config: FipoConfig, tokenizer: Any, split: str) -> list:
+    report = load_from_config(config.data, split)
+    if report.malformed:
+        print(
+            f"data: skipped {len(report.malformed)} malformed {split} rows, first: "
+            f"{report.malformed[0]}",
+            file=sys.stderr,
+        )
+    kept, too_long = tokenize_prompts(
+        report.examples,
+        tokenizer,
+        max_prompt_length=config.rollout.max_prompt_length,
+        apply_chat_template=config.data.apply_chat_template,
+    )
+    if too_long:
+        print(
+            f"data: dropped {len(too_long)} {split} prompts longer than "
+            f"rollout.max_prompt_length={config.rollout.max_prompt_length}",
+            file=sys.stderr,
+        )
+    return kept
+
+
+def initial_checkpoint(config: FipoConfig) -> str | None:
+    """The Megatron checkpoint the actor starts from: the configured one, or the HF checkpoint
+    converted (streaming) into ``<output_dir>/init_megatron`` once."""
+    if config.model.megatron_checkpoint_path:
+        return config.model.megatron_checkpoint_path
+    if not config.model.hf_model_path:
+        return None
+    from checkpoint_convert.convert import hf_to_megatron
+
+    target = Path(config.trainer.output_dir) / "init_megatron"
+    if not target.is_dir():
+        hf_to_megatron(Path(config.model.hf_model_path), target, progress=False)
+    return str(target)
+
+
+def build_components(config: FipoConfig, *, quiet: bool = False) -> RunComponents:
+    from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
+    from megatron_fipo.cluster.placement import create_placement, plan_placement
+    from megatron_fipo.rewards import build_reward
+
+    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.hf_model_path)
+    train = _prompts(config, tokenizer, "train")
+    if not train:
+        raise ValueError(f"data.train_files {config.data.train_files}: no usable prompt")
+    data = config.data
+    loader = PromptDataLoader(
+        train, data.gen_batch_size or data.train_batch_size, shuffle=data.shuffle, seed=data.seed
+    )
+    eval_prompts = _prompts(config, tokenizer, "eval") if data.eval_files else []
+    plan = plan_placement(config)
+    use_gpu = plan.use_gpu
+    init_ray(num_cpus=None if use_gpu else int(config.trainer.cpus_per_node or 2))
+    placement = create_placement(plan)
+    threads = {} if use_gpu else {"OMP_NUM_THREADS": str(int(config.trainer.cpus_per_node or 2))}
+    workers = RayActorGroup.training(
+        TrainWorker,
+        placement,
+        worker_args=(config, initial_checkpoint(config)),
+        backend=config.trainer.distributed_backend,
+        env=threads,
+        name="train",
+    )
+    hf_config = hf_config_of(config).to_dict()
+    engines = RayActorGroup.engines(
+        EngineWorker, placement, worker_args=(config, hf_config), env=threads
+    )
+    return RunComponents(
+        config=config,
+        tokenizer=tokenizer,
+        train_loader=loader,
+        eval_prompts=eval_prompts,
+        workers=workers,
+        engines=engines,
+        remote_engines=RemoteEngines(engines.actors, config.rollout.weight_sync_bucket_bytes),
+        reward=build_reward(config.reward),
+        stop_token_ids=tuple(i for i in (tokenizer.eos_token_id,) if i is not None),
+        quiet=quiet,
+    )

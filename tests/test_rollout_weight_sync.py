@@ -112,10 +112,49 @@ def scenario(rank, world_size):
     return out
 
 
+def data_parallel_scenario(rank, world_size):
+    """TP = 2, DP = 2: only the DP-rank-0 replica moves weights; the engine gets all of them."""
+    from megatron_fipo.megatron import checkpoint
+    from megatron_fipo.megatron.actor import ActorConfig, MegatronActor
+    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+    from megatron_fipo.rollout.hf_engine import HFRolloutEngine
+    from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    hf = hf_config()
+    actor = MegatronActor(hf, ParallelConfig(tensor_parallel=2), ActorConfig(seed=4))
+    sync = WeightSync(
+        actor.named_parameters_for_sync, hf, WeightSyncConfig(bucket_bytes=BUCKET_BYTES)
+    )
+    engine = HFRolloutEngine(hf_config=hf) if rank == 0 else None
+    sync.sync(engine)
+    full = checkpoint.gather_full_parameters(actor.model, vocab_size=VOCAB)
+    out = {"in_source_replica": sync.in_source_replica, "num_buckets": sync.stats.num_buckets}
+    if rank == 0:
+        out |= {"full": full, "state": dict(engine.model.state_dict())}
+    destroy()
+    return out
+
+
 @pytest.fixture(scope="module")
-def result():
+def world():
     with WorkerWorld(4, timeout_s=400) as world:
-        return world.run(scenario)[0]
+        yield world
+
+
+@pytest.fixture(scope="module")
+def result(world):
+    return world.run(scenario)[0]
+
+
+def test_only_the_source_replica_moves_weights_under_data_parallel(world, result):
+    outs = world.run(data_parallel_scenario)
+    assert [o["in_source_replica"] for o in outs] == [True, True, False, False]
+    assert outs[0]["num_buckets"] > 0 and outs[2]["num_buckets"] == 0
+    adapter = adapter_for(hf_config())
+    for name, full in outs[0]["full"].items():
+        assert torch.equal(
+            adapter.hf_to_megatron(name, outs[0]["state"].__getitem__)[: full.shape[0]], full
+        ), name
 
 
 def test_engine_log_probs_equal_actor_compute_log_probs(result):

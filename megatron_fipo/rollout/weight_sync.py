@@ -123,11 +123,18 @@ class WeightSync:
         self.adapter = adapter_for(config_dict)
         self.config = config or WeightSyncConfig()
         self._shards_fn = shards_fn
+        # Data- and context-parallel replicas hold the same weights: only the replica at
+        # DP rank 0 / CP rank 0 (which holds global rank 0) moves them.
+        self.in_source_replica = True
         if tp_group is None or pp_group is None:
             from megatron.core import parallel_state
 
             tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
             pp_group = pp_group or parallel_state.get_pipeline_model_parallel_group()
+            self.in_source_replica = (
+                parallel_state.get_data_parallel_rank() == 0
+                and parallel_state.get_context_parallel_rank() == 0
+            )
         self.tp_group, self.pp_group = tp_group, pp_group
         self.version = 0
         self.stats = SyncStats()
@@ -152,14 +159,21 @@ class WeightSync:
     def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
         """Push the current weights to `engine` (given on the driving rank, None elsewhere).
 
-        All ranks call it together. Returns the new weights version (previous + 1 by default).
+        All ranks call it together; `engine` must be on a rank of the source replica (DP rank 0,
+        CP rank 0; global rank 0 is one). Returns the new weights version (previous + 1 by
+        default).
         """
         version = self.version + 1 if version is None else int(version)
-        stream = self.iter_hf_tensors(convert=engine is not None)
-        if engine is not None:
-            engine.update_weights(stream, version)
-        for _ in stream:  # ranks without an engine still take part in every collective
-            pass
+        if engine is not None and not self.in_source_replica:
+            raise ValueError(
+                "WeightSync.sync: the engine must be on a rank with DP rank 0 and CP rank 0"
+            )
+        if self.in_source_replica:
+            stream = self.iter_hf_tensors(convert=engine is not None)
+            if engine is not None:
+                engine.update_weights(stream, version)
+            for _ in stream:  # ranks without an engine still take part in every collective
+                pass
         self.version = version
         return version
 

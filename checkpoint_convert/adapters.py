@@ -203,19 +203,6 @@ def split_layer_name(megatron_name: str) -> tuple[int | None, str]:
     return int(match.group(1)), LOCAL_ALIASES.get(suffix, suffix)
 
 
-def offset_layer_name(megatron_name: str, layer_offset: int) -> str:
-    """Rename a pipeline stage's local layer name to its global layer number.
-
-    ``decoder.layers.1.mlp.linear_fc2.weight`` with offset 4 -> ``decoder.layers.5...``.
-    """
-    layer, suffix = split_layer_name(megatron_name)
-    if layer is None:
-        return megatron_name
-    return megatron_name.replace(
-        f"decoder.layers.{layer}.", f"decoder.layers.{layer + layer_offset}.", 1
-    )
-
-
 _TP_DIM = {QKV_WEIGHT: 0, QKV_BIAS: 0, PROJ_WEIGHT: 1, FC2_WEIGHT: 1, EMBEDDING: 0, OUTPUT: 0}
 
 

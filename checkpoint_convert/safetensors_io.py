@@ -171,13 +171,6 @@ class SafetensorsReader:
             self._fds[info.path] = os.open(info.path, os.O_RDONLY)
         return info, self._fds[info.path]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk into a fresh tensor."""
-        info, fd = self._info_fd(name)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        _read_into(fd, memoryview(buffer.numpy()), info.start)
-        return buffer.view(info.dtype).reshape(info.shape)
-
     def read_rows(self, name: str, row_start: int, out: torch.Tensor) -> None:
         """Read rows ``[row_start, row_start + len(out))`` of tensor ``name`` straight into
         ``out`` (contiguous, same dtype and row shape): no intermediate copy."""

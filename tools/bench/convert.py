@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ _STEP = textwrap.dedent(
     os.sync()  # start every step with no dirty pages of earlier steps
     Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) := current RSS
     base = kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if step == "copy":
         Path(dst).mkdir()
         for path in sorted(Path(src).glob("*.safetensors")):
@@ -55,8 +56,9 @@ _STEP = textwrap.dedent(
         hf_to_megatron(src, dst, progress=False)
     else:
         megatron_to_hf(src, dst, progress=False)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_growth": (kib("VmHWM") - base) * 1024}))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    growth = (kib("VmHWM") - base) * 1024
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_growth": growth}))
     """
 )
 
@@ -103,11 +105,17 @@ def run(work_dir: Path, num_layers: int, repeats: int) -> dict:
             best = results.get(step)
             if best is None or outcome["seconds"] < best["seconds"]:
                 results[step] = outcome
-    summary = {"weight_bytes": total, "largest_tensor_bytes": 32000 * 2048 * 2}
+    summary = {
+        "weight_bytes": total,
+        "largest_tensor_bytes": 32000 * 2048 * 2,
+        "load_average_1min": os.getloadavg()[0],
+    }
     for step, outcome in results.items():
         summary[step] = {
             "gb_per_s": round(total / outcome["seconds"] / 1e9, 3),
             "seconds": round(outcome["seconds"], 3),
+            # CPU time of the process (user + sys): less sensitive to other load than wall time.
+            "cpu_seconds": round(outcome["cpu_seconds"], 3),
             "peak_rss_growth_mb": round(outcome["peak_rss_growth"] / 2**20, 1),
         }
     copy_rate = summary["copy"]["gb_per_s"]

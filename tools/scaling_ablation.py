@@ -535,24 +535,32 @@ def write_csv(path: Path, records: Sequence[dict], columns: Sequence[str]) -> No
         writer.writerows(records)
 
 
-def plot(rows: Sequence[Measurement], path: Path, title: str) -> None:
-    """Log-log time and memory against length, one line per (bench, variant, cp)."""
+def plot(rows: Sequence[Measurement], fits: Sequence[dict], path: Path, title: str) -> None:
+    """Log-log time and memory against length, one line per (bench, variant, cp); legends
+    carry the fitted growth exponents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    groups: dict[str, list[Measurement]] = {}
+    groups: dict[tuple, list[Measurement]] = {}
     for row in rows:
         if row.status == "ok":
-            groups.setdefault(f"{row.bench}/{row.variant} cp={row.cp_size}", []).append(row)
-    for axis, attribute, label in zip(
-        axes, ("time_ms", "peak_mem_mb"), ("time (ms)", "peak extra memory (MiB)")
+            groups.setdefault((row.bench, row.variant, row.cp_size), []).append(row)
+    slopes = {(f["bench"], f["variant"], f["cp_size"]): f for f in fits}
+    for axis, attribute, label, exponent in zip(
+        axes,
+        ("time_ms", "peak_mem_mb"),
+        ("time (ms)", "peak extra memory (MiB)"),
+        ("time_exponent", "memory_exponent"),
     ):
-        for name, members in sorted(groups.items()):
+        for key, members in sorted(groups.items()):
             members = sorted(members, key=lambda r: r.length)
             values = [getattr(r, attribute) for r in members]
+            name = f"{key[0]}/{key[1]} cp={key[2]}"
+            if key in slopes and math.isfinite(slopes[key][exponent]):
+                name += f" (slope {slopes[key][exponent]:.2f})"
             if all(v > 0 for v in values):
                 axis.plot([r.length for r in members], values, marker="o", label=name)
         axis.set_xscale("log", base=2)
@@ -590,7 +598,7 @@ def run_ablation(config: AblationConfig) -> tuple[list[Measurement], list[dict]]
     write_csv(out / "scaling_fit.csv", fits, fit_columns)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     title = f"FIPO scaling ablation ({device_name}, torch threads={torch.get_num_threads()})"
-    plot(rows, out / "scaling.png", title)
+    plot(rows, fits, out / "scaling.png", title)
     return rows, fits
 
 

@@ -59,6 +59,7 @@ def test_fit_uses_largest_ok_points_per_row():
     assert fit["memory_exponent"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # two spawned gloo worlds
 def test_tiny_sweep_writes_csv_fit_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     # A 3 MiB budget: naive log-probs at 1024 (4 MiB of logits and friends) must be skipped.

@@ -362,8 +362,14 @@ class SGLangRolloutEngine(RolloutEngine):
     def _push_tensor(
         self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
+        # SGLang unpickles only CUDA tensors (IPC handles): host tensors (e.g. received through
+        # Ray) are staged on this process's GPU, one bucket at a time. Without CUDA (the CPU
+        # tests) they stay on the host.
+        staging = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        )
         for bucket, is_last in _mark_last(iter_buckets(named, self.config.update_bucket_bytes)):
-            bucket = [(name, tensor.detach().contiguous()) for name, tensor in bucket]
+            bucket = [(name, _staged(tensor, staging)) for name, tensor in bucket]
             payloads = []
             for _ in servers:
                 # One pickle per receiving TP rank: each unpickle consumes the shared-memory / IPC
@@ -512,6 +518,13 @@ def _mark_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
         yield previous, False
         previous = item
     yield previous, True
+
+
+def _staged(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if device is not None and tensor.device.type == "cpu":
+        tensor = tensor.to(device)
+    return tensor.contiguous()
 
 
 def _keep_host_copy(

@@ -88,7 +88,9 @@ class TrainWorker:
         self.weight_sync = WeightSync(
             self.actor.named_parameters_for_sync,
             self.hf_config,
-            WeightSyncConfig(bucket_bytes=config.rollout.weight_sync_bucket_bytes),
+            WeightSyncConfig(
+                bucket_bytes=config.rollout.weight_sync_bucket_bytes, reuse_buffers=True
+            ),
         )
 
     def _data_parallel_share(self, batch: Any) -> Any:

@@ -24,6 +24,7 @@ the world is torn down, so later cases fail fast instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -82,12 +83,15 @@ class WorkerWorld:
             context.Process(
                 target=_worker,
                 args=(rank, world_size, port, self._tasks[rank], self._results),
-                daemon=True,
+                # Not daemonic: Megatron's checkpoint save starts its own child processes.
+                daemon=False,
             )
             for rank in range(world_size)
         ]
         for process in self._processes:
             process.start()
+        # Non-daemonic children would block interpreter exit if a caller forgot close().
+        atexit.register(self.close, force=True)
 
     def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Runs ``func(rank, world_size, *args, **kwargs)`` on every rank; results in rank order."""
@@ -123,6 +127,7 @@ class WorkerWorld:
                 process.kill()
                 process.join(timeout=10)
         self._processes = []
+        atexit.unregister(self.close)
 
     def __enter__(self) -> WorkerWorld:
         return self

@@ -190,6 +190,34 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
     dist.barrier()
 
 
+def _materialise_optimizer_state(optimizer) -> None:
+    """Creates the Adam moments of a fresh optimizer (a zero-gradient step at lr 0): Megatron
+    builds the load template from the existing state, and the load then overwrites it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner.optimizer
+        if torch_optimizer.state:
+            continue
+        rates = [group["lr"] for group in torch_optimizer.param_groups]
+        for group in torch_optimizer.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        torch_optimizer.step()
+        for group, rate in zip(torch_optimizer.param_groups, rates):
+            group["lr"] = rate
+        torch_optimizer.zero_grad(set_to_none=True)
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """After a load, Megatron hands every parameter's Adam state the SAME ``step`` tensor;
+    torch's Adam increments it in place once per parameter, which would inflate the step
+    (and the bias correction) by the number of parameters. Give each its own copy."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 @torch.no_grad()  # the optimizer copies into views of parameters that require grad
 def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> None:
     """Restores what :func:`save_actor_checkpoint` wrote. The optimizer part needs the saving
@@ -202,6 +230,7 @@ def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> N
         load_model_checkpoint(actor.model, path)
         actor.optimizer.reload_model_params()
         return
+    _materialise_optimizer_state(actor.optimizer)
     state = model_sharded_state_dict(actor.model)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
         state, is_loading=True, metadata=_OPTIMIZER_METADATA
@@ -212,6 +241,7 @@ def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> N
     for index, chunk in enumerate(actor.model):
         unwrap(chunk).load_state_dict(loaded[f"model{index}"], strict=True)
     actor.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_step_counters(actor.optimizer)
     actor.scheduler.load_state_dict(loaded["scheduler"])
     actor.num_steps = int(loaded["num_steps"])
 

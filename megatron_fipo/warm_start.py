@@ -73,6 +73,7 @@ def train(config: FipoConfig, settings: WarmStartConfig, out_dir: Path) -> Path:
             "warm_start": to_dict(settings),
             "architecture": to_dict(config.model.architecture),
             "train_files": list(config.data.train_files),
+            "apply_chat_template": config.data.apply_chat_template,
         },
         sort_keys=True,
     )

@@ -9,7 +9,7 @@ Megatron assumes a CUDA device in a handful of places that sit on our CPU test p
   (``torch.cuda.get_rng_state`` / ``manual_seed`` and
   ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``);
 - the pipeline schedules and the distributed optimizer allocate with ``device="cuda"`` or
-  ``.cuda()``, and the optimizer accepts parameters only when ``Tensor.type()`` says
+  ``.cuda()`` (and RoPE under context parallelism with ``pin_memory=True``), and the optimizer accepts parameters only when ``Tensor.type()`` says
   ``torch.cuda.FloatTensor``.
 
 :func:`apply` redirects these to CPU: a small stand-in RNG generator plays the CUDA one, and a
@@ -55,13 +55,15 @@ def _is_cuda_device(device: object) -> bool:
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Maps ``device="cuda"``, ``.cuda()`` and ``.to("cuda")`` to CPU; reports CPU float
+    """Maps ``device="cuda"``, ``.cuda()`` and ``.to("cuda")`` to CPU, drops ``pin_memory``; reports CPU float
     tensors as ``torch.cuda.*Tensor`` from a bare ``Tensor.type()`` (the optimizer's check)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # no pinned-memory allocator without an accelerator
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)

@@ -50,10 +50,11 @@ def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, group) -> tup
     """For fp32 scaled logits ``z[n, V/TP]``: probabilities ``p[n, V/TP]``, log Z ``[n]``,
     target logit ``[n]`` and E_p[z] ``[n]``, all reduced over the TP group."""
     start, end = _vocab_range(logits.shape[-1], group)
+    # In-place where possible: this chunk's [n, V/TP] buffers dominate the memory.
     row_max = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
-    exp = torch.exp(logits - row_max[:, None])
-    sum_exp = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
-    probs = exp.div_(sum_exp[:, None])
+    probs = torch.sub(logits, row_max[:, None]).exp_()
+    sum_exp = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM, group)
+    probs.div_(sum_exp[:, None])
     in_range = (targets >= start) & (targets < end)
     local_index = (targets - start).clamp(0, logits.shape[-1] - 1)
     target_logit = logits.gather(-1, local_index[:, None]).squeeze(-1) * in_range
@@ -75,7 +76,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         entropy = torch.empty_like(log_probs)
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows].float() @ weight.float().t()) / temperature
+            logits = (hidden[rows].float() @ weight.float().t()).div_(temperature)
             logits = _mask_padding(logits, vocab_size, group)
             _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
                 logits, targets[rows], group
@@ -96,18 +97,22 @@ class _ChunkedLogProbs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             hidden32 = hidden[rows].float()
-            logits = (hidden32 @ weight32.t()) / ctx.temperature
+            logits = (hidden32 @ weight32.t()).div_(ctx.temperature)
             logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
             probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
                 logits, targets[rows], ctx.group
             )
-            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z])
-            grad_logits = probs * (-grad_log_probs[rows, None])
+            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z]); two [n, V/TP]
+            # buffers (logits, probs) are reused in place for all of it.
+            if grad_entropy is not None:
+                entropy_term = logits.sub_(mean_logit[:, None]).mul_(probs)
+                entropy_term.mul_(grad_entropy[rows, None])
+            grad_logits = probs.mul_(-grad_log_probs[rows, None])
+            if grad_entropy is not None:
+                grad_logits.sub_(entropy_term)
             onehot_grad = (grad_log_probs[rows] * in_range)[:, None]
             grad_logits.scatter_add_(-1, local_index[:, None], onehot_grad)
-            if grad_entropy is not None:
-                grad_logits -= probs * (logits - mean_logit[:, None]) * grad_entropy[rows, None]
-            grad_logits /= ctx.temperature
+            grad_logits.div_(ctx.temperature)
             grad_hidden[rows] = grad_logits @ weight32
             grad_weight += grad_logits.t() @ hidden32
         grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)

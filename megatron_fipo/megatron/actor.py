@@ -156,6 +156,12 @@ class MegatronActor:
         self.transformer_config.finalize_model_grads_func = _finalize_grads
         self.optimizer, self.scheduler = self._build_optimizer()
         self.num_steps = 0
+        # Where batches go: the GPU under NCCL, else CPU (gloo collectives take CPU tensors).
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
     # ---------------------------------------------------------------- construction
     def _wrap(self, chunks: list) -> list:
@@ -261,19 +267,20 @@ class MegatronActor:
             padded["input_ids"][rows], lengths, layout, {name: padded[name][rows] for name in names}
         )
         local_length = cp_batch.tokens.shape[1]
+        device = self.device
         micro = dict(
-            tokens=cp_batch.tokens,
-            position_ids=cp_batch.position_ids,
+            tokens=cp_batch.tokens.to(device),
+            position_ids=cp_batch.position_ids.to(device),
             # The local spec's softmax needs the causal mask; our CP attention builds its own.
-            attention_mask=model_lib.causal_attention_mask(local_length)
+            attention_mask=model_lib.causal_attention_mask(local_length, device)
             if self.parallel.context_parallel == 1
             else None,
-            targets=cp_batch.labels,
+            targets=cp_batch.labels.to(device),
             layout=layout,
             cp_group=cp_group,
-            prompt_lengths=padded["prompt_lengths"][rows],
-            response_lengths=padded["response_lengths"][rows],
-            **cp_batch.label_aligned,
+            prompt_lengths=padded["prompt_lengths"][rows].to(device),
+            response_lengths=padded["response_lengths"][rows].to(device),
+            **{name: value.to(device) for name, value in cp_batch.label_aligned.items()},
         )
         if with_training_data and cp_group is not None:
             from megatron_fipo.megatron.cp_scan import make_cp_future_sum
@@ -337,7 +344,7 @@ class MegatronActor:
 
         num_sequences = len(batch.input_ids)
         width = int(torch.as_tensor(batch.response_lengths).max())
-        result = torch.zeros(num_sequences, width, dtype=torch.float32)
+        result = torch.zeros(num_sequences, width, dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             rows = torch.cat(outputs, dim=0)[:num_sequences]
             result[:, : rows.shape[1]] = rows[:, :width]
@@ -347,12 +354,13 @@ class MegatronActor:
                 src=parallel_state.get_pipeline_model_parallel_last_rank(),
                 group=parallel_state.get_pipeline_model_parallel_group(),
             )
-        return result
+        return result.cpu()
 
     def _global_token_count(self, batch: ActorBatch) -> torch.Tensor:
         from megatron.core import parallel_state
 
         count = torch.as_tensor(batch.response_lengths, dtype=torch.float64).sum().reshape(1)
+        count = count.to(self.device)
         dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
         return count[0]
 
@@ -382,7 +390,7 @@ class MegatronActor:
         reduced = self._reduce_metrics(outputs)
         reduced["actor/grad_norm"] = float(grad_norm)
         reduced["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        reduced["actor/num_tokens"] = float(num_tokens)
+        reduced["actor/num_tokens"] = float(num_tokens.cpu())
         return reduced
 
     def _train_loss(self, loss_config, num_tokens, micro, model_chunk, hidden):
@@ -420,7 +428,7 @@ class MegatronActor:
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         for key in sorted(merged):
-            value = merged[key].clone().reshape(1)
+            value = merged[key].to(self.device).reshape(1).clone()
             dist.all_reduce(value, op=ops[metric_utils.reduce_op(key)], group=group)
             merged[key] = value[0]
         result = metric_utils.finalize(merged)
@@ -533,7 +541,7 @@ def _response_columns(local_values: torch.Tensor, micro: dict, width: int) -> to
     full = context_parallel.gather_to_global(
         local_values, layout, layout.padded_lengths[0], micro["cp_group"], shift_to_tokens=True
     )
-    column = torch.arange(width)
+    column = torch.arange(width, device=full.device)
     positions = (micro["prompt_lengths"][:, None] + column).clamp(max=full.shape[1] - 1)
     valid = column < micro["response_lengths"][:, None]
     return torch.where(valid, full.gather(1, positions), 0.0)

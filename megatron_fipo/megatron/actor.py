@@ -311,6 +311,13 @@ class MegatronActor:
 
     def _token_log_probs(self, micro: dict, model_chunk, hidden: torch.Tensor):
         """Log-probs and entropy ``[mbs, S_local]`` of each position's next token."""
+        sequence_parallel = self.transformer_config.sequence_parallel
+        if sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # [S_local / TP, B, H] -> [S_local, B, H]; its backward reduce-scatters (sums
+            # over TP), so chunked_log_probs must not all-reduce the gradient again.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         log_probs, entropy = chunked_log_probs(
             hidden,
             model_lib.output_weight(model_chunk),
@@ -318,6 +325,7 @@ class MegatronActor:
             temperature=self.config.temperature,
             chunk_size=self.config.logprob_chunk_size,
             vocab_size=self.vocab_size,
+            reduce_hidden_grad=not sequence_parallel,
         )
         return log_probs.t(), entropy.t()
 

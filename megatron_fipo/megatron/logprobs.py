@@ -138,13 +138,16 @@ def chunked_log_probs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     group=None,
     vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy ``([...], [...])`` fp32 of ``targets`` from hidden states.
 
     ``hidden``: ``[..., H]`` final hidden states (any leading shape, e.g. ``[S, B]``);
     ``weight``: this rank's output-layer slice ``[V / TP, H]``; ``targets``: ``[...]`` token ids
     in the full (padded) vocabulary; ``group``: the TP group (default: Megatron's);
-    ``vocab_size``: the true vocabulary size (columns past it are padding and ignored).
+    ``vocab_size``: the true vocabulary size (columns past it are padding and ignored);
+    ``reduce_hidden_grad=False`` when the caller's own op already sums the hidden-state
+    gradient over TP (a sequence-parallel gather, whose backward reduce-scatters).
     Gradients flow to ``hidden`` (summed over TP ranks, as a column-parallel layer's input
     gradient must be) and to ``weight``.
     """
@@ -155,7 +158,7 @@ def chunked_log_probs(
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} differ")
     group = _tp_group(group)
-    if group is not None and dist.get_world_size(group) > 1:
+    if reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         # Identity forward; all-reduces the hidden-state gradient over TP in backward.

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from megatron_harness import WorkerWorld
 
 from megatron_fipo.algorithms.future_kl import discounted_future_sum
-from megatron_fipo.algorithms.losses import PolicyLossConfig, influence_weights
+from megatron_fipo.algorithms.losses import (
+    PolicyLossConfig,
+    compute_policy_loss,
+    influence_weights,
+)
 from megatron_fipo.megatron.context_parallel import (
     build_cp_batch,
     build_layout,
@@ -30,6 +34,7 @@ from megatron_fipo.megatron.cp_scan import (
     exchange_bytes,
     local_chunk_scan,
     make_cp_future_sum,
+    make_cp_sequence_sum,
     own_carries,
 )
 
@@ -243,6 +248,44 @@ def test_cp_scan_inside_fipo_influence_weights(world2):
     for packed in (False, True):
         for f_err, kl_err in world2.run(_influence_weight_case, packed):
             assert f_err < 1e-6 and kl_err < 1e-5, (f_err, kl_err)
+
+
+def _sequence_drop_case(rank, cp_size, packed):
+    """Each sequence has two tokens with r > c on a negative advantage, one in an early and one
+    in a late chunk: only a whole-sequence count sees two and drops the sequence."""
+    lengths, total = [16, 12], 16
+    old = torch.zeros(2, total, dtype=torch.float64)
+    logp = old.clone()
+    logp[:, 1] = logp[:, 10] = 4.0  # ratio e^4 > c = 10
+    adv = torch.tensor([[-1.0], [1.0]], dtype=torch.float64).expand(2, total).contiguous()
+    mask = (torch.arange(total) < torch.tensor(lengths).unsqueeze(1)).double()
+    config = PolicyLossConfig()
+    num_tokens = float(sum(lengths))
+    whole, whole_stats = compute_policy_loss(logp, old, adv, mask, config, num_tokens)
+    layout = build_layout(lengths, cp_size, rank, packed=packed)
+    local = [split_to_local(t, layout) for t in (logp, old, adv, mask)]
+    group = dist.group.WORLD
+    loss, _ = compute_policy_loss(
+        *local,
+        config,
+        num_tokens,
+        future_sum_fn=make_cp_future_sum(layout, group),
+        sequence_sum_fn=make_cp_sequence_sum(layout, group),
+    )
+    naive, _ = compute_policy_loss(
+        *local, config, num_tokens, future_sum_fn=make_cp_future_sum(layout, group)
+    )
+    for value in (loss, naive):
+        dist.all_reduce(value, group=group)
+    return whole.item(), loss.item(), naive.item(), whole_stats["actor/dropped_seqs_sum"].item()
+
+
+def test_cp_sequence_drop_counts_the_whole_sequence(world2):
+    for packed in (False, True):
+        for whole, loss, naive, dropped in world2.run(_sequence_drop_case, packed):
+            assert dropped == 1
+            assert loss == pytest.approx(whole, rel=1e-12, abs=1e-12)
+            assert naive != pytest.approx(whole)  # per-rank counts miss the drop
 
 
 def test_cp_scan_refuses_grad_and_wrong_shape():

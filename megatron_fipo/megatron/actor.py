@@ -283,9 +283,10 @@ class MegatronActor:
             **{name: value.to(device) for name, value in cp_batch.label_aligned.items()},
         )
         if with_training_data and cp_group is not None:
-            from megatron_fipo.megatron.cp_scan import make_cp_future_sum
+            from megatron_fipo.megatron.cp_scan import make_cp_future_sum, make_cp_sequence_sum
 
             micro["future_sum_fn"] = make_cp_future_sum(layout, cp_group)
+            micro["sequence_sum_fn"] = make_cp_sequence_sum(layout, cp_group)
         return micro
 
     def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool) -> list:
@@ -412,6 +413,7 @@ class MegatronActor:
             loss_config,
             num_tokens=num_tokens,
             future_sum_fn=micro.get("future_sum_fn"),
+            sequence_sum_fn=micro.get("sequence_sum_fn"),
         )
         stats["actor/entropy_sum"] = (entropy.detach().double() * mask).sum()
         stats["actor/entropy_count"] = mask.double().sum()

@@ -204,3 +204,23 @@ def exchange_bytes(layout: SequenceLayout, dtype: torch.dtype = torch.float32) -
         scan=others * 2 * layout.num_sequences * item,
         full_gather=others * layout.num_rows * layout.local_length * item,
     )
+
+
+def make_cp_sequence_sum(
+    layout: SequenceLayout, group: dist.ProcessGroup | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sequence_sum_fn`` for :func:`compute_policy_loss`: ``values[num_rows, local_length]``
+    -> each token's value replaced by the sum over its whole sequence, across the CP group
+    (FIPO's sequence drop counts offending tokens over the whole response). Exchanges one
+    number per sequence."""
+    sequence_index = layout.sequence_index
+
+    def sequence_sum(values: torch.Tensor) -> torch.Tensor:
+        index = sequence_index.to(values.device)
+        totals = values.new_zeros(layout.num_sequences)
+        totals.index_add_(0, index.reshape(-1), values.reshape(-1))
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(totals, group=group)
+        return totals[index]
+
+    return sequence_sum

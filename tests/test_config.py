@@ -289,7 +289,11 @@ RULES = [
         ["model.architecture.hidden_size=130"],
         r"model\.architecture\.hidden_size \(130\) must be divisible",
     ),
-    (TINY, ["model.architecture=null"], r"model\.hf_model_path or model\.architecture must be set"),
+    (
+        TINY,
+        ["model.architecture=null", "model.hf_model_path=null"],
+        r"model\.hf_model_path or model\.architecture must be set",
+    ),
     (TINY, ["optimizer.min_lr=1.0"], r"optimizer\.min_lr \(1\.0\) must be <= optimizer\.lr"),
     (TINY, ["optimizer.adam_beta2=1.0"], r"optimizer\.adam_beta2 must be >= 0 and < 1"),
     (

@@ -134,7 +134,8 @@ class Trainer:
                 f"step {self.step}: {num_batches} generation batches gave no group with differing "
                 "rewards (all correct or all wrong): check the data, the reward or the model"
             )
-        metrics = _rollout_metrics(generated, self.config.rollout.max_response_length)
+        # With enough surplus held, a step may generate nothing: describe what it trains on.
+        metrics = _rollout_metrics(generated or taken)
         metrics["rollout/num_gen_batches"] = float(num_batches)
         metrics["rollout/kept_groups"] = float(len(taken))
         metrics["rollout/weights_version"] = float(self.version)
@@ -328,7 +329,7 @@ def _rows(batch: Any, start: int, count: int) -> Any:
     )
 
 
-def _rollout_metrics(groups: list[ResponseGroup], max_response_length: int) -> dict[str, float]:
+def _rollout_metrics(groups: list[ResponseGroup]) -> dict[str, float]:
     samples = [s for g in groups for s in g.samples]
     lengths = [len(s.response_token_ids) for s in samples]
     rewards = [r for g in groups for r in g.rewards]

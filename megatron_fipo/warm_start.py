@@ -13,6 +13,7 @@ Usage: ``python -m megatron_fipo.warm_start --config configs/tiny-cpu.yaml --out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -70,7 +71,7 @@ def train(config: FipoConfig, settings: WarmStartConfig, out_dir: Path) -> Path:
 
     stamp = json.dumps(
         {
-            "warm_start": to_dict(settings),
+            "warm_start": dataclasses.asdict(settings),
             "architecture": to_dict(config.model.architecture),
             "train_files": list(config.data.train_files),
             "apply_chat_template": config.data.apply_chat_template,
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Supervised warm start (tiny CPU run).")
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True, help="HF checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=WarmStartConfig.steps)
+    parser.add_argument("--steps", type=int, default=WarmStartConfig().steps)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)

@@ -91,6 +91,7 @@ class Trainer:
         with timer("old_log_probs"):
             shared = self.parts.put(batch)
             batch.old_log_probs = self.parts.workers.run_all("compute_log_probs", shared)[0]
+        metrics.update(_engine_agreement(groups, batch))
         with timer("train"):
             metrics.update(self.update(batch, groups))
         with timer("sync_weights"):
@@ -343,6 +344,20 @@ def _rollout_metrics(groups: list[ResponseGroup]) -> dict[str, float]:
         / len(samples),
         "rollout/solve_none": sum(not any(g.correct) for g in groups) / len(groups),
         "rollout/solve_all": sum(all(g.correct) for g in groups) / len(groups),
+    }
+
+
+def _engine_agreement(groups: list[ResponseGroup], batch: Any) -> dict[str, float]:
+    """How far the engine's sampled-token log-probs are from the actor's recomputed ones (a
+    weight-sync or numerics problem shows here first; FIPO itself uses the actor's)."""
+    diffs = [
+        (torch.tensor(sample.log_probs) - batch.old_log_probs[row, : len(sample.log_probs)]).abs()
+        for row, sample in enumerate(s for g in groups for s in g.samples)
+    ]
+    flat = torch.cat(diffs)
+    return {
+        "rollout/logprob_diff_mean": float(flat.mean()),
+        "rollout/logprob_diff_max": float(flat.max()),
     }
 
 

@@ -118,3 +118,18 @@ def test_sft_pairs_fit_the_tiny_length_budget(prepared, tokenizer):
         lengths.append((len(prompt), len(response)))
     # tiny-cpu.yaml: prompts <= 64 tokens; responses stay clear of the overlong buffer (64 - 16).
     assert max(p for p, _ in lengths) <= 64 and max(r for _, r in lengths) <= 48
+
+
+def test_tokenizer_beside_a_qwen2_model_config_keeps_its_own_pieces(prepared, tokenizer, tmp_path):
+    """An HF checkpoint directory (config.json of model_type qwen2 + our tokenizer files, as the
+    warm start and megatron-to-hf write it) must load the same tokenizer, not Qwen2's."""
+    import json
+
+    from megatron_fipo.data.templates import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    loaded = load_tokenizer(tmp_path)
+    text = "Compute 8 * 7.\nAnswer: 56"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.decode(tokenizer(text)["input_ids"]) == text

@@ -30,7 +30,7 @@ def run_args(tmp_path_factory):
         f"model.tokenizer_path={paths.tokenizer_dir}",
         "data.on_malformed_row=skip",
         "data.train_batch_size=4",
-        "data.gen_batch_size=4",
+        "data.gen_batch_size=8",
         "data.ppo_mini_batch_size=2",
         "rollout.n_samples_per_prompt=4",
         "rollout.max_response_length=16",
@@ -92,6 +92,8 @@ def test_run_kill_resume_matches_uninterrupted(run_args):
     assert last["actor/num_optimizer_steps"] == 2.0
     assert last["rollout/weights_version"] == STEPS  # initial sync + one per step, pre-sync value
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    # oversampled groups kept for later: some step trains on the held surplus alone
+    assert min(r["rollout/num_gen_batches"] for r in records) == 0
     assert latest_checkpoint(straight).name == f"step_{STEPS:06d}"
 
     killed = base / "killed"

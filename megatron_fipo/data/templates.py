@@ -103,8 +103,29 @@ def tokenizer_directory(path: str | Path) -> Path:
     return folder
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained`` on :func:`tokenizer_directory` (local files only)."""
-    from transformers import AutoTokenizer
+# Tokenizer classes that are a plain tokenizer.json (e.g. our local sentencepiece tokenizer).
+_PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_directory(path)), local_files_only=True)
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer in :func:`tokenizer_directory` (local files only).
+
+    ``AutoTokenizer`` picks the model family's tokenizer class from a ``config.json`` beside
+    the files even when ``tokenizer_config.json`` names a plain ``tokenizer.json`` tokenizer
+    (transformers 5), which would replace our tokenizer's normalizer and decoder with
+    Qwen2's byte-level ones. A plain one is therefore loaded by that class directly.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = tokenizer_directory(path)
+    config_file = folder / "tokenizer_config.json"
+    declared = (
+        json.loads(config_file.read_text()).get("tokenizer_class")
+        if config_file.is_file()
+        else None
+    )
+    if declared in _PLAIN_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -69,7 +69,9 @@ class Trainer:
         # Fresh engines: push the actor's weights (a resumed run re-sends its current version).
         self.sync_weights(bump=self.version == 0)
         if self.step == 0 and self.config.trainer.eval_before_train and self.parts.eval_prompts:
-            self.logger.log(0, self.evaluate())
+            before = self.evaluate()
+            self.logger.log(0, before)
+            self.parts.report(0, before)
         metrics: dict[str, float] = {}
         while not self.done():
             metrics = self.step_once()

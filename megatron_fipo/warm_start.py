@@ -1,6 +1,13 @@
 """Supervised warm start for the tiny CPU run: teach a randomly initialised model the answer
 format (and some arithmetic) so that RL starts from a policy whose samples sometimes succeed.
 
+The supervised data is deliberately imperfect, as real SFT data is: in ``biased_fraction`` of
+the worked solutions the final ``Answer:`` line is off by one from the (correct) worked result.
+The warm-started policy therefore usually reports a wrong final answer even when its working is
+right, and only the verifiable reward can tell it which habit to keep. A 0.9M-parameter model
+learns little new arithmetic from a few minutes of RL, but it does learn this: the CPU run shows
+the loop correcting a systematic error of its starting policy from the reward alone.
+
 Objective: token-mean cross entropy of the worked solution plus eos given the prompt (prompt
 tokens carry no loss), AdamW with a linear warm-up and cosine decay. The model is the
 transformers model of ``model.architecture``; the result is an HF checkpoint directory (weights,
@@ -40,16 +47,34 @@ class WarmStartConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     seed: int = 0
+    biased_fraction: float = 0.6
+    """Share of solutions whose final ``Answer:`` line is off by one (see the module doc)."""
 
 
-def _pairs(config: FipoConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+def bias_final_answer(solution: str) -> str:
+    """The same solution with its last ``Answer: N`` line reporting ``N + 1``."""
+    head, sep, answer = solution.rpartition("Answer: ")
+    if not sep or not answer.strip().lstrip("-").isdigit():
+        raise ValueError(f"solution has no integer 'Answer:' line: {solution!r}")
+    return f"{head}{sep}{int(answer) + 1}"
+
+
+def _pairs(
+    config: FipoConfig, tokenizer, settings: WarmStartConfig
+) -> list[tuple[list[int], list[int]]]:
     path = config.data.train_files[0]
     solutions = read_solutions(path)
     report = load_prompt_files([path], on_malformed_row="error")
-    return [
-        encode_sft_pair(tokenizer, ex.messages, solutions[ex.row], config.data.apply_chat_template)
-        for ex in report.examples
-    ]
+    rng = random.Random(settings.seed + 1)
+    pairs = []
+    for ex in report.examples:
+        solution = solutions[ex.row]
+        if rng.random() < settings.biased_fraction:
+            solution = bias_final_answer(solution)
+        pairs.append(
+            encode_sft_pair(tokenizer, ex.messages, solution, config.data.apply_chat_template)
+        )
+    return pairs
 
 
 def _collate(pairs: list[tuple[list[int], list[int]]], pad_id: int):
@@ -90,7 +115,7 @@ def train(config: FipoConfig, settings: WarmStartConfig, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(fields.pop("model_type"), **fields)
     )
-    pairs = _pairs(config, tokenizer)
+    pairs = _pairs(config, tokenizer, settings)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )

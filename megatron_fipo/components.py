@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from megatron_fipo.cluster.workers import EngineWorker, RemoteEngines, TrainWorker, hf_config_of
 from megatron_fipo.config import FipoConfig
 from megatron_fipo.data.prompts import load_from_config
@@ -70,7 +72,8 @@ class RunComponents:
             "perf/tokens_per_s",
         )
         shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
-        print(f"[{time.strftime('%H:%M:%S')}] step {step}: {shown}", file=sys.stderr, flush=True)
+        # tqdm.write keeps the trainer's progress bar intact below the line.
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}] step {step}: {shown}", file=sys.stderr)
 
     def close(self) -> None:
         self.reward.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from megatron_fipo.algorithms import advantages as adv_lib
 from megatron_fipo.config import FipoConfig, to_dict
@@ -62,6 +63,7 @@ class Trainer:
         self.buffer: GroupBuffer[ResponseGroup] = GroupBuffer()
         self.step = 0
         self.version = 0
+        self.progress = tqdm(disable=True)  # replaced by fit()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
@@ -73,6 +75,13 @@ class Trainer:
             self.logger.log(0, before)
             self.parts.report(0, before)
         metrics: dict[str, float] = {}
+        self.progress = tqdm(
+            total=self.config.trainer.total_training_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.config.logging.progress_bar or self.parts.quiet,
+        )
         while not self.done():
             metrics = self.step_once()
             self.step += 1
@@ -83,10 +92,14 @@ class Trainer:
                 self.save_checkpoint()
             self.logger.log(self.step, metrics)
             self.parts.report(self.step, metrics)
+            self.progress.update(1)
+        self.progress.close()
         return metrics
 
     def step_once(self) -> dict[str, float]:
-        timer = _PhaseTimer()
+        timer = _PhaseTimer(
+            lambda phase: self.progress.set_description(f"step {self.step + 1}: {phase}")
+        )
         with timer("generate"):
             groups, metrics = self.collect_groups()
         batch = self.actor_batch(groups)
@@ -286,11 +299,16 @@ def _every(frequency: int | None, step: int) -> bool:
 
 
 class _PhaseTimer:
-    def __init__(self) -> None:
+    """Times the phases of a step; ``on_phase`` shows the current one (the progress bar)."""
+
+    def __init__(self, on_phase: Any = None) -> None:
         self.seconds: dict[str, float] = {}
+        self._on_phase = on_phase
 
     def __call__(self, name: str) -> _PhaseTimer:
         self._name = name
+        if self._on_phase is not None:
+            self._on_phase(name)
         return self
 
     def __enter__(self) -> None:

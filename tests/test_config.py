@@ -232,7 +232,7 @@ RULES = [
     (
         TINY,
         ["data.ppo_mini_batch_size=5"],
-        r"data\.train_batch_size \(16\) must be divisible by data\.ppo_mini_batch_size \(5\)",
+        r"data\.train_batch_size \(32\) must be divisible by data\.ppo_mini_batch_size \(5\)",
     ),
     (TINY, ["data.train_files=[]"], r"data\.train_files must list at least one file"),
     (TINY, ["rollout.n_samples_per_prompt=1"], r"rollout\.n_samples_per_prompt must be >= 2"),
@@ -304,7 +304,7 @@ RULES = [
     (
         TINY,
         ["data.eval_files=[]"],
-        r"data\.eval_files is empty but trainer\.eval_freq=5 and trainer\.eval_before_train=true",
+        r"data\.eval_files is empty but trainer\.eval_freq=10 and trainer\.eval_before_train=true",
     ),
     (
         BIG,
@@ -378,12 +378,12 @@ LAYOUT_RULES = [
     (
         [],
         3,
-        r"data\.ppo_mini_batch_size \* rollout\.n_samples_per_prompt \(32 sequences\) must be divisible by the data-parallel size 3",
+        r"data\.ppo_mini_batch_size \* rollout\.n_samples_per_prompt \(64 sequences\) must be divisible by the data-parallel size 3",
     ),
     (
-        ["parallelism.micro_batch_size=32"],
+        ["parallelism.micro_batch_size=24"],
         2,
-        r"16 sequences per data-parallel rank .* parallelism\.micro_batch_size \(32\)",
+        r"32 sequences per data-parallel rank .* parallelism\.micro_batch_size \(24\)",
     ),
 ]
 

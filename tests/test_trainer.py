@@ -29,6 +29,7 @@ def run_args(tmp_path_factory):
         f"data.eval_files=[{paths.eval_file}]",
         f"model.tokenizer_path={paths.tokenizer_dir}",
         "data.on_malformed_row=skip",
+        "model.hf_model_path=null",  # random init: no warm start in the test
         "data.train_batch_size=4",
         "data.gen_batch_size=8",
         "data.ppo_mini_batch_size=2",

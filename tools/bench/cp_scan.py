@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 from megatron_fipo.algorithms.future_kl import discounted_future_sum
 from megatron_fipo.megatron.context_parallel import build_layout, local_to_global, split_to_local
 from megatron_fipo.megatron.cp_scan import ChunkIndex, cp_future_sum, exchange_bytes
+from tools.bench.timing import slowest_rank_best_time
 
 GAMMA = 2.0 ** (-1.0 / 32)
 
@@ -40,20 +40,6 @@ def gather_then_scan(x_local, layout, gamma):
     return split_to_local(discounted_future_sum(full, gamma), layout)
 
 
-def slowest_best_time(fn, repeats: int) -> float:
-    """Best of ``repeats`` timings, each the slowest rank's (ranks start together)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        best = min(best, elapsed.item())
-    return best
-
-
 def _rank_main(rank, cp_size, port, args, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -63,10 +49,12 @@ def _rank_main(rank, cp_size, port, args, results) -> None:
     x = torch.randn(args.batch, args.length, generator=torch.Generator().manual_seed(0))
     x_local = split_to_local(x.to(dtype), layout)
     index = ChunkIndex.from_layout(layout)
-    ours = slowest_best_time(
+    ours = slowest_rank_best_time(
         lambda: cp_future_sum(x_local, GAMMA, layout, None, index), args.repeats
     )
-    baseline = slowest_best_time(lambda: gather_then_scan(x_local, layout, GAMMA), args.repeats)
+    baseline = slowest_rank_best_time(
+        lambda: gather_then_scan(x_local, layout, GAMMA), args.repeats
+    )
     diff = (cp_future_sum(x_local, GAMMA, layout) - gather_then_scan(x_local, layout, GAMMA)).abs()
     scale = torch.tensor([diff.max().item()], dtype=torch.float64)
     dist.all_reduce(scale, op=dist.ReduceOp.MAX)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ import torch.multiprocessing as mp
 
 from checkpoint_convert.adapters import adapter_for
 from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
+from tools.bench.timing import slowest_rank_best_time
 
 QWEN25_05B = dict(
     model_type="qwen2",
@@ -75,19 +75,6 @@ def build_shards(tp_rank: int, dtype: torch.dtype) -> list[Shard]:
     return shards
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best of `repeats` runs, each timed as the slowest rank's."""
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        best = min(best, elapsed.item())
-    return best
-
-
 def _rank_main(rank: int, port: int, args, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -110,13 +97,13 @@ def _rank_main(rank: int, port: int, args, results) -> None:
             if engine_params:
                 engine_params[name].copy_(tensor)
 
-    reshard_s = best_time(reshard, args.repeats)
+    reshard_s = slowest_rank_best_time(reshard, args.repeats, warmup=False)
     model_bytes = sync.stats.num_bytes if rank == 0 else 0
     total = torch.tensor([model_bytes], dtype=torch.float64)
     dist.all_reduce(total)
     src = torch.empty(int(total.item()), dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
-    copy_s = best_time(lambda: dst.copy_(src), args.repeats)
+    copy_s = slowest_rank_best_time(lambda: dst.copy_(src), args.repeats, warmup=False)
     # The transport floor: rank 1 sends its half of the bytes to rank 0, nothing else.
     half = src[: src.numel() // 2]
     chunk = args.bucket_mb * 1024**2
@@ -126,7 +113,7 @@ def _rank_main(rank: int, port: int, args, results) -> None:
             piece = half[start : start + chunk]
             (dist.send(piece, dst=0) if rank == 1 else dist.recv(piece, src=1))
 
-    p2p_s = best_time(transfer, args.repeats)
+    p2p_s = slowest_rank_best_time(transfer, args.repeats, warmup=False)
     if rank == 0:
         gb = total.item() / 1e9
         results.put(

@@ -327,12 +327,18 @@ def reference_attention(q, k, v, lengths_padded=None):
     return torch.cat(pieces)
 
 
+@pytest.mark.parametrize("kernel", ["masked", "fused"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("cp_size", [1, 2, 3, 4])
-def test_simulated_cp_attention_matches_full_attention(packed, cp_size):
+def test_simulated_cp_attention_matches_full_attention(packed, cp_size, kernel):
     """Every rank's zigzag mask and GQA attention over the gathered keys, ranks simulated in
-    one process (the gather is a concatenation): outputs and q/k/v grads vs SDPA."""
-    from megatron_fipo.megatron.cp_attention import masked_attention, zigzag_causal_mask
+    one process (the gather is a concatenation): outputs and q/k/v grads vs SDPA. ``fused``
+    is the CUDA path's kernel choice (plain causal when CP = 1 and unpacked) run on CPU."""
+    from megatron_fipo.megatron.cp_attention import (
+        fused_attention,
+        masked_attention,
+        zigzag_causal_mask,
+    )
 
     lengths = [24, 9, 40] if packed else [40, 33]
     layouts = [build_layout(lengths, cp_size, r, packed=packed) for r in range(cp_size)]
@@ -359,9 +365,14 @@ def test_simulated_cp_attention_matches_full_attention(packed, cp_size):
     out = torch.zeros_like(ref)
     for rank, pick in enumerate(picks):
         allowed = zigzag_causal_mask(len(pick), cp_size, rank, cu)
-        out = out.index_put(
-            (pick,), masked_attention(full["q"][pick], keys, values, allowed, 8**-0.5)
-        )
+        if kernel == "fused":
+            plain = cp_size == 1 and not packed
+            local = fused_attention(
+                full["q"][pick], keys, values, None if plain else allowed, 8**-0.5
+            )
+        else:
+            local = masked_attention(full["q"][pick], keys, values, allowed, 8**-0.5)
+        out = out.index_put((pick,), local)
     grads = torch.autograd.grad((out * weight).sum(), [full[n] for n in "qkv"])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for mine, theirs in zip(grads, ref_grads):
@@ -406,8 +417,9 @@ def _to_local(t, layout):
     return split_to_local(t.transpose(0, 1), layout).transpose(0, 1)
 
 
-def _attention_case(rank, cp_size, packed, dtype, heads=4, groups=2, head_dim=8):
-    """Forward and grads (q, k, v) of CP attention vs full single-process attention."""
+def _attention_case(rank, cp_size, packed, dtype, fused=False, heads=4, groups=2, head_dim=8):
+    """Forward and grads (q, k, v) of CP attention vs full single-process attention
+    (``fused``: the module's CUDA kernel choice, forced on CPU)."""
     lengths = [24, 9, 40] if packed else [40, 40]
     layout = build_layout(lengths, cp_size, rank, packed=packed)
     total = max(layout.padded_lengths)
@@ -420,6 +432,7 @@ def _attention_case(rank, cp_size, packed, dtype, heads=4, groups=2, head_dim=8)
     }
     weight = torch.randn(total, batch, heads * head_dim, generator=gen, dtype=dtype)
     module = _attention_module(cp_size, heads, groups, head_dim, dist.group.WORLD)
+    module.fused = fused
     local = {n: _to_local(t, layout).detach().requires_grad_() for n, t in full.items()}
     if packed:  # "thd": one row [t, h, d] of every sequence's local chunks
         from megatron_fipo.megatron.context_parallel import make_packed_seq_params
@@ -468,10 +481,11 @@ def _attention_case(rank, cp_size, packed, dtype, heads=4, groups=2, head_dim=8)
     return errors
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_cp2_attention_matches_full_attention(world2, packed, dtype, tol):
-    for errors in world2.run(_attention_case, packed, dtype):
+def test_cp2_attention_matches_full_attention(world2, packed, dtype, tol, fused):
+    for errors in world2.run(_attention_case, packed, dtype, fused):
         assert max(errors.values()) < tol, errors
 
 
@@ -617,4 +631,44 @@ def test_gpt_model_cp2_equals_cp1(world2, packed):
     if PIN_MEMORY_MISSING in results:  # a gap in cpu_compat (not this module): report, not pass
         pytest.xfail(PIN_MEMORY_MISSING)
     for errors in results:
+        assert max(errors.values()) < 1e-5, errors
+
+
+def _own_attention_case(rank, world_size):
+    """CP = 1 with our core attention on its fused (CUDA) kernels, forced on CPU, equals
+    Megatron's DotProductAttention: logits and every parameter gradient."""
+    from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.cp_attention import ContextParallelAttention
+    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 200, (2, 40), generator=gen)
+    positions = torch.arange(40).expand(2, 40)
+    mask = model_lib.causal_attention_mask(40)
+    weight = torch.randn(2, 40, 200, generator=gen)
+    reference = _build_model(1)
+    state = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    ref_logits = reference(ids, positions, mask)
+    (ref_logits[..., :200] * weight).sum().backward()
+    config = model_lib.transformer_config_from_hf(TINY_QWEN2, ParallelConfig())
+    ours = model_lib.build_gpt_model(TINY_QWEN2, config, own_attention=True)
+    kernels = [m for m in ours.modules() if isinstance(m, ContextParallelAttention)]
+    assert len(kernels) == TINY_QWEN2["num_hidden_layers"]
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            param.copy_(state[name])
+    for module in kernels:
+        module.fused = True
+    logits = ours(ids, positions, None)
+    (logits[..., :200] * weight).sum().backward()
+    errors = {"logits": (logits - ref_logits).abs().max().item()}
+    ref_params = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        errors[name] = relative_error(param.grad, ref_params[name].grad)
+    destroy()
+    return errors
+
+
+def test_own_fused_attention_equals_megatron_attention(world2):
+    for errors in world2.run(_own_attention_case):
         assert max(errors.values()) < 1e-5, errors

@@ -12,8 +12,19 @@ The causal mask compares global positions of the zigzag layout
 (:mod:`megatron_fipo.megatron.context_parallel`), and with packed sequences ("thd",
 ``PackedSeqParams.cu_seqlens_q_padded``) also sequence identities, so a token never sees
 another sequence. The K/V all-gather is differentiable: its backward reduce-scatters dK / dV
-to the ranks that own the keys. Memory is ``O(s * CP * s)`` scores per head: meant for CPU
-tests and small runs; use TE's CP attention for long sequences on GPUs.
+to the ranks that own the keys.
+
+Two kernels compute the same thing:
+
+- on CPU (tests, small runs), :func:`masked_attention` materialises the fp32 scores, memory
+  ``O(s * CP * s)`` per head;
+- on CUDA, :func:`fused_attention` calls ``torch.nn.functional.scaled_dot_product_attention``:
+  the flash kernel for one plain causal sequence per row (CP = 1, padded rows), the
+  memory-efficient kernel with the boolean mask otherwise. That is what lets the local spec
+  (no TransformerEngine) train 32k-token rows on one GPU. The fused kernels keep the softmax
+  statistics in fp32 but, unlike :func:`masked_attention`, do not upcast bf16 inputs.
+
+Attention dropout (off in every shipped config) always takes the materialised path.
 """
 
 from __future__ import annotations
@@ -143,6 +154,41 @@ def masked_attention(
     return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
+def fused_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor | None,
+    softmax_scale: float,
+) -> Tensor:
+    """:func:`masked_attention` (same shapes and meaning) through PyTorch's fused kernels.
+
+    ``allowed=None`` means plain causal attention of ``s`` queries over ``S == s`` keys, which
+    selects the flash kernel on CUDA.
+    """
+    num_heads, num_groups = query.shape[2], key.shape[2]
+    if num_heads % num_groups:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} groups")
+    if num_heads != num_groups:
+        key = key.repeat_interleave(num_heads // num_groups, dim=2)
+        value = value.repeat_interleave(num_heads // num_groups, dim=2)
+    q = query.permute(1, 2, 0, 3)  # [b, n, s, d]
+    k = key.permute(1, 2, 0, 3)  # [b, n, S, d]
+    v = value.permute(1, 2, 0, 3)
+    if allowed is None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("plain causal attention needs as many keys as queries")
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=softmax_scale
+        )
+    else:
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=softmax_scale
+        )
+    seq, batch = query.shape[0], query.shape[1]
+    return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
 class ContextParallelAttention(MegatronModule):
     """Drop-in ``core_attention`` for the local spec that works with any CP size.
 
@@ -152,8 +198,12 @@ class ContextParallelAttention(MegatronModule):
     ``[t, heads * d]``). ``attention_mask`` is not used: a local mask cannot describe keys that
     live on other ranks, so the causal mask is built from global positions (right padding
     needs no mask under causal attention). Query-key layer scaling is not applied: the softmax
-    runs in fp32 (fp64 for fp64 inputs), where it changes nothing.
+    runs in fp32 (fp64 for fp64 inputs), where it changes nothing. ``fused`` (default: on
+    CUDA) selects :func:`fused_attention` whenever attention dropout is inactive.
     """
+
+    fused: bool | None = None
+    """None: fused kernels on CUDA tensors only. Tests set it per instance to compare both."""
 
     def __init__(
         self,
@@ -230,11 +280,23 @@ class ContextParallelAttention(MegatronModule):
                 cu_seqlens = packed_seq_params.cu_seqlens_q
         elif packed_seq_params is not None:
             raise ValueError(f"unsupported qkv_format {packed_seq_params.qkv_format!r}")
-        allowed = self._mask(query.shape[0], cu_seqlens, query.device)
         key = gather_sequence(key, self.cp_group)
         value = gather_sequence(value, self.cp_group)
-        context = masked_attention(query, key, value, allowed, self.softmax_scale, self._dropout)
+        fused = query.is_cuda if self.fused is None else self.fused
+        if fused and not self._dropout_active:
+            plain = self.cp_size == 1 and cu_seqlens is None
+            allowed = None if plain else self._mask(query.shape[0], cu_seqlens, query.device)
+            context = fused_attention(query, key, value, allowed, self.softmax_scale)
+        else:
+            allowed = self._mask(query.shape[0], cu_seqlens, query.device)
+            context = masked_attention(
+                query, key, value, allowed, self.softmax_scale, self._dropout
+            )
         return context.squeeze(1) if packed else context
+
+    @property
+    def _dropout_active(self) -> bool:
+        return self.training and self.attention_dropout.p > 0
 
     def _dropout(self, probs: Tensor) -> Tensor:
         if not self.training or self.attention_dropout.p == 0:

@@ -164,8 +164,12 @@ def _kernel_options(spec: str) -> dict[str, Any]:
     )
 
 
-def layer_spec(spec: str, context_parallel: int = 1):
-    """The transformer layer ``ModuleSpec`` for ``spec`` ("local" or "te")."""
+def layer_spec(spec: str, context_parallel: int = 1, own_attention: bool | None = None):
+    """The transformer layer ``ModuleSpec`` for ``spec`` ("local" or "te").
+
+    With the local spec, ``own_attention`` (default: when CP > 1 or CUDA is present) puts our
+    :class:`~megatron_fipo.megatron.cp_attention.ContextParallelAttention` in place of
+    Megatron's ``DotProductAttention``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "te":
@@ -179,8 +183,14 @@ def layer_spec(spec: str, context_parallel: int = 1):
     if spec != "local":
         raise ValueError(f"spec must be 'local' or 'te', got {spec!r}")
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    if context_parallel > 1:
-        # Megatron's local DotProductAttention refuses CP; ours attends over all-gathered K/V.
+    if own_attention is None:
+        own_attention = context_parallel > 1 or torch.cuda.is_available()
+    if context_parallel > 1 and not own_attention:
+        raise ValueError("the local spec needs our core attention for context_parallel > 1")
+    if own_attention:
+        # Megatron's local DotProductAttention refuses CP and materialises the [s, s] scores;
+        # ours attends over all-gathered K/V, through PyTorch's flash / memory-efficient
+        # kernels on CUDA (so long rows fit without TransformerEngine).
         from megatron_fipo.megatron.cp_attention import ContextParallelAttention
 
         layer.submodules.self_attention.submodules.core_attention = ContextParallelAttention
@@ -195,6 +205,7 @@ def build_gpt_model(
     post_process: bool = True,
     spec: str = "local",
     vp_stage: int | None = None,
+    own_attention: bool | None = None,
 ):
     """One ``GPTModel`` (one pipeline chunk) for ``hf_config`` with ``TransformerConfig`` ``config``.
 
@@ -208,7 +219,7 @@ def build_gpt_model(
     scaling = rope_scaling_factor(hf_config)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, config.context_parallel_size),
+        transformer_layer_spec=layer_spec(spec, config.context_parallel_size, own_attention),
         vocab_size=vocab,
         max_sequence_length=hf_value(hf_config, "max_position_embeddings", 4096),
         pre_process=pre_process,

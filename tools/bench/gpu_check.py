@@ -12,6 +12,16 @@
 3. The context-parallel future-KL scan on CUDA tensors (every CP rank of CP = 2 and 4
    simulated in one process with the same per-rank pieces the distributed scan uses) against
    the single-rank CPU scan in fp64 and fp32.
+4. The blocked future-KL scan's CUDA time against a flipped ``cumsum`` of the same tensor
+   (the bandwidth floor), measured in the same run, and its error against CPU fp64.
+5. Weight sync into the embedded HF engine on the same GPU after the actor's train steps:
+   sync GB/s, then sampled generation and the engine's token log-probs against the actor's
+   recomputed ones (the trainer's ``rollout/logprob_diff_*``).
+6. Our core attention's fused kernels (flash for plain causal, memory-efficient with the CP
+   zigzag mask) against the materialised fp32 reference, bf16 with GQA.
+7. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
+   the local spec (flash attention through our core attention) and the chunked log-probs;
+   peak memory and time.
 
 Prints one JSON line per part and a summary; exits 1 without CUDA.
 """
@@ -22,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 
 import torch
 
@@ -29,12 +40,36 @@ import torch
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+DEVICE = "cuda"
+SIZES = {"vocab": 151936, "hidden": 2048, "ffn": 5632}
+"""``--smoke`` (CPU, tiny sizes) exercises every line of this script without a GPU."""
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory() -> int:
+    return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _max_memory() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _reset_memory() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def model_config(num_layers: int) -> dict:
     return dict(
         model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=5632,
+        vocab_size=SIZES["vocab"],
+        hidden_size=SIZES["hidden"],
+        intermediate_size=SIZES["ffn"],
         num_hidden_layers=num_layers,
         num_attention_heads=16,
         num_key_value_heads=4,
@@ -46,6 +81,8 @@ def model_config(num_layers: int) -> dict:
 
 
 def peak_tflops() -> float | None:
+    if DEVICE != "cuda":
+        return None
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
@@ -80,16 +117,16 @@ def actor_step(args) -> dict:
     batch.old_log_probs = actor.compute_log_probs(batch)
     times = []
     for _ in range(args.steps + 1):  # the first step warms up allocator and kernels
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         metrics = actor.train_step(batch)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
     step = sum(times[1:]) / len(times[1:])
     tokens = args.num_sequences * args.seq_len
     peak = peak_tflops()
     mfu = 6 * num_params * tokens / step / (peak * 1e12) if peak else None
-    return {
+    result = {
         "part": "actor_step",
         "params": num_params,
         "tokens_per_step": tokens,
@@ -97,33 +134,197 @@ def actor_step(args) -> dict:
         "tokens_per_s": tokens / step,
         "mfu": mfu,
         "loss": metrics["actor/loss"],
-        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "max_memory_gib": _max_memory() / 2**30,
     }
+    print(json.dumps(result), flush=True)
+    return sync_rollout(actor, hf, args)
+
+
+def sync_rollout(actor, hf: dict, args) -> dict:
+    """Sync the trained actor into an HF engine on this GPU, sample, compare log-probs."""
+    from megatron_fipo.megatron.actor import ActorBatch
+    from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
+    from megatron_fipo.rollout.hf_engine import HFEngineConfig, HFRolloutEngine
+    from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    engine = HFRolloutEngine(
+        HFEngineConfig(dtype="bfloat16", device=DEVICE, attn_implementation="sdpa"),
+        hf_config=hf,
+    )
+    sync = WeightSync(
+        actor.named_parameters_for_sync, hf, WeightSyncConfig(reuse_buffers=True, dtype="bfloat16")
+    )
+    times = []
+    for _ in range(2):  # the first sync allocates the kept buffers
+        _sync()
+        start = time.perf_counter()
+        sync.sync(engine)
+        _sync()
+        times.append(time.perf_counter() - start)
+    gen = torch.Generator().manual_seed(1)
+    requests = [
+        GenerationRequest(
+            prompt_token_ids=torch.randint(0, hf["vocab_size"], (64,), generator=gen).tolist(),
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=args.rollout_tokens, seed=i),
+            request_id=str(i),
+        )
+        for i in range(8)
+    ]
+    _sync()
+    start = time.perf_counter()
+    samples = engine.generate(requests)
+    _sync()
+    generate_s = time.perf_counter() - start
+    batch = ActorBatch(
+        input_ids=[torch.tensor(s.prompt_token_ids + s.response_token_ids) for s in samples],
+        prompt_lengths=torch.tensor([len(s.prompt_token_ids) for s in samples]),
+        response_lengths=torch.tensor([len(s.response_token_ids) for s in samples]),
+        advantages=torch.zeros(len(samples)),
+    )
+    actor_lp = actor.compute_log_probs(batch).cpu()
+    diffs = torch.cat(
+        [
+            (torch.tensor(s.log_probs) - actor_lp[row, : len(s.log_probs)]).abs()
+            for row, s in enumerate(samples)
+        ]
+    )
+    return {
+        "part": "sync_rollout",
+        "sync_gb": sync.stats.num_bytes / 1e9,
+        "sync_s": times[-1],
+        "sync_gb_per_s": sync.stats.num_bytes / 1e9 / times[-1],
+        "generated_tokens": int(diffs.numel()),
+        "generate_tokens_per_s": diffs.numel() / generate_s,
+        "logprob_diff_mean": float(diffs.mean()),
+        "logprob_diff_max": float(diffs.max()),
+    }
+
+
+def actor_long(args) -> dict:
+    """One long row through compute_log_probs and a train step (memory at long context)."""
+    import gc
+
+    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
+    from megatron_fipo.megatron.distributed import ParallelConfig
+
+    gc.collect()
+    _reset_memory()
+    hf = model_config(args.num_layers)
+    actor = MegatronActor(
+        hf,
+        ParallelConfig(),
+        ActorConfig(
+            dtype="bfloat16", micro_batch_size=1, recompute_granularity=args.long_recompute
+        ),
+        ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
+    )
+    batch = random_batch(1, args.long_seq_len, hf["vocab_size"])
+    batch.old_log_probs = actor.compute_log_probs(batch)
+    times = []
+    for _ in range(2):
+        _sync()
+        start = time.perf_counter()
+        metrics = actor.train_step(batch)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return {
+        "part": "actor_long",
+        "seq_len": args.long_seq_len,
+        "recompute": args.long_recompute,
+        "step_s": times[-1],
+        "tokens_per_s": args.long_seq_len / times[-1],
+        "loss": metrics["actor/loss"],
+        "max_memory_gib": _max_memory() / 2**30,
+    }
+
+
+def future_kl_cuda(args) -> dict:
+    """Blocked scan vs flipped cumsum on CUDA, fp32, same tensors, same run."""
+    from megatron_fipo.algorithms.future_kl import discounted_future_sum
+
+    gamma = 2 ** (-1 / 32)
+    result = {"part": "future_kl_cuda", "batch": 16}
+    for length in (1024,) if DEVICE == "cpu" else (10240, 20480, 32768):
+        x64 = torch.randn(
+            16, length, generator=torch.Generator().manual_seed(length), dtype=torch.float64
+        )
+        x = x64.to(DEVICE, torch.float32)
+
+        def timed(fn):
+            for _ in range(3):
+                fn()
+            _sync()
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            _sync()
+            return (time.perf_counter() - start) / 20
+
+        scan_s = timed(lambda x=x: discounted_future_sum(x, gamma))
+        cumsum_s = timed(lambda x=x: x.flip(-1).cumsum(-1).flip(-1))
+        reference = discounted_future_sum(x64, gamma)
+        err = (discounted_future_sum(x, gamma).double().cpu() - reference).abs().max().item()
+        result[f"T{length}_scan_ms"] = scan_s * 1e3
+        result[f"T{length}_cumsum_ms"] = cumsum_s * 1e3
+        result[f"T{length}_ratio_vs_cumsum"] = scan_s / cumsum_s
+        result[f"T{length}_max_rel_err"] = err / reference.abs().max().item()
+    return result
+
+
+def attention_check(args) -> dict:
+    """Our core attention's fused kernels vs the materialised fp32 reference on this device:
+    plain causal (flash) and the CP = 2 zigzag mask (memory-efficient kernel), bf16, GQA."""
+    from megatron_fipo.megatron.cp_attention import (
+        fused_attention,
+        masked_attention,
+        zigzag_causal_mask,
+    )
+
+    length = 256 if DEVICE == "cpu" else 4096
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (
+        torch.randn(length, 2, heads, 128, generator=gen).to(DEVICE, torch.bfloat16)
+        for heads in (16, 4, 4)
+    )
+    result = {"part": "attention", "seq_len": length}
+    causal = zigzag_causal_mask(length, 1, 0, None).to(DEVICE)
+    half = length // 2  # CP rank 0 of 2: its zigzag queries over all keys
+    zigzag = zigzag_causal_mask(half, 2, 0, None).to(DEVICE)
+    cases = {"causal": (q, None, causal), "cp2_rank0": (q[:half], zigzag, zigzag)}
+    for name, (query, fused_mask, mask) in cases.items():
+        reference = masked_attention(query, k, v, mask, 128**-0.5).float()
+        _reset_memory()
+        base = _memory()
+        got = fused_attention(query, k, v, fused_mask, 128**-0.5).float()
+        _sync()
+        result[f"{name}_max_abs_err"] = (got - reference).abs().max().item()
+        result[f"{name}_fused_extra_mib"] = (_max_memory() - base) / 2**20
+    return result
 
 
 def _logprob_peak(method: str, tokens: int, vocab: int, hidden: int) -> float:
     from megatron_fipo.megatron.logprobs import chunked_log_probs, log_probs_from_logits
 
-    torch.cuda.empty_cache()
-    states = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    _reset_memory()
+    states = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     weight = (
-        torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+        torch.randn(vocab, hidden, device=DEVICE, dtype=torch.bfloat16) * 0.02
     ).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    targets = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    _sync()
+    _reset_memory()
+    base = _memory()
     if method == "naive":
         log_probs, entropy = log_probs_from_logits(states @ weight.t(), targets, group=None)
     else:
         log_probs, entropy = chunked_log_probs(states, weight, targets, group=None)
     (log_probs.sum() + entropy.sum()).backward()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    _sync()
+    return (_max_memory() - base) / 2**30
 
 
 def logprob_memory(args) -> dict:
-    vocab, hidden = 151936, 2048
+    vocab, hidden = SIZES["vocab"], SIZES["hidden"]
     chunked = _logprob_peak("chunked", args.logprob_tokens, vocab, hidden)
     naive_tokens = min(args.naive_tokens, args.logprob_tokens)
     naive = _logprob_peak("naive", naive_tokens, vocab, hidden)
@@ -135,7 +336,7 @@ def logprob_memory(args) -> dict:
         "naive_tokens": naive_tokens,
         "naive_extra_gib": naive,
         "naive_extra_gib_at_tokens": naive_scaled,
-        "ratio": naive_scaled / chunked,
+        "ratio": naive_scaled / chunked if chunked else None,
     }
 
 
@@ -169,10 +370,10 @@ def cp_scan_check(args) -> dict:
         x *= torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
         reference = discounted_future_sum(x, gamma)  # CPU fp64, whole sequences
         for cp_size in (2, 4):
-            torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
-            got = _simulated_cp_scan(x.to("cuda", dtype), lengths, cp_size, gamma)
-            torch.cuda.synchronize()
+            got = _simulated_cp_scan(x.to(DEVICE, dtype), lengths, cp_size, gamma)
+            _sync()
             scale = reference.abs().max().item()
             result[f"{name}_cp{cp_size}_max_rel_err"] = (
                 got.double().cpu() - reference
@@ -190,21 +391,46 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--logprob-tokens", type=int, default=32768)
     parser.add_argument("--naive-tokens", type=int, default=8192)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("actor", "logprob", "cp_scan"))
+    parser.add_argument("--rollout-tokens", type=int, default=128)
+    parser.add_argument("--long-seq-len", type=int, default=32768)
+    parser.add_argument("--long-recompute", default=None, choices=(None, "full", "selective"))
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("actor", "logprob", "cp_scan", "future_kl", "long", "attention"),
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        SIZES.update(vocab=512, hidden=64, ffn=128)
+    elif not torch.cuda.is_available():
         print("gpu_check needs a CUDA device (none is visible); nothing was run.", file=sys.stderr)
         return 1
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}))
-    parts = {"cp_scan": cp_scan_check, "logprob": logprob_memory, "actor": actor_step}
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
+    print(json.dumps({"device": name, "torch": torch.__version__}))
+    parts = {
+        "cp_scan": cp_scan_check,
+        "attention": attention_check,
+        "future_kl": future_kl_cuda,
+        "logprob": logprob_memory,
+        "actor": actor_step,
+        "long": actor_long,
+    }
     failed = False
     for name, part in parts.items():
         if name in args.skip:
             continue
+        start = time.perf_counter()
         try:
-            print(json.dumps(part(args)), flush=True)
+            result = part(args)
+            result["wall_s"] = time.perf_counter() - start
+            print(json.dumps(result), flush=True)
         except Exception as error:  # noqa: BLE001 - report and go on to the next part
             failed = True
+            traceback.print_exc()
             print(json.dumps({"part": name, "error": repr(error)}), flush=True)
     return 1 if failed else 0
 

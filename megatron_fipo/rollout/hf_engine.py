@@ -99,6 +99,14 @@ def sample_token(
     return token, float(log_probs[token])
 
 
+def _cache_kwargs(output) -> dict:
+    """The KV cache of ``output`` as the forward keyword of this transformers version
+    (``cache`` from 5.2x, ``past_key_values`` before; the output field has the same name)."""
+    if getattr(output, "cache", None) is not None:
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
+
+
 class HFRolloutEngine(RolloutEngine):
     """Batched KV-cache generation with a transformers model; weights set by `update_weights`."""
 
@@ -178,8 +186,8 @@ class HFRolloutEngine(RolloutEngine):
                 input_ids=next_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=output.cache,
                 use_cache=True,
+                **_cache_kwargs(output),
             )
         return [
             GenerationSample(

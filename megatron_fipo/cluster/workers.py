@@ -67,6 +67,8 @@ class TrainWorker:
                 use_distributed_optimizer=par.use_distributed_optimizer,
                 temperature=config.rollout.temperature or 1.0,
                 recompute_granularity=config.model.recompute_granularity,
+                recompute_method=config.model.recompute_method,
+                recompute_num_layers=config.model.recompute_num_layers,
                 seed=config.trainer.seed,
             ),
             ActorOptimizerConfig(

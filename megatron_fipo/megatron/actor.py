@@ -60,6 +60,11 @@ class ActorConfig:
     """Sampling temperature the rollout used; logits are divided by it."""
     recompute_granularity: str | None = None
     """Activation recomputation: None, ``full`` or ``selective``."""
+    recompute_method: str | None = None
+    """With ``full``: ``uniform`` (default) or ``block``."""
+    recompute_num_layers: int | None = None
+    """With ``full``: layers per recompute group (``uniform``, default 1) or recomputed layers
+    per pipeline stage (``block``)."""
     seed: int = 1234
     """Seed of the weight initialisation and Megatron's RNG tracker."""
 
@@ -70,6 +75,21 @@ class ActorConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(
+                "recompute_granularity must be None, 'full' or 'selective', got "
+                f"{self.recompute_granularity!r}"
+            )
+        if self.recompute_granularity == "full":
+            # Megatron refuses full recomputation without a method; one layer per group
+            # keeps only each layer's input (the usual long-context setting).
+            self.recompute_method = self.recompute_method or "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError(
+                "recompute_method / recompute_num_layers need recompute_granularity='full'"
+            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -147,6 +167,8 @@ class MegatronActor:
             fp8=self.config.fp8,
             fp8_recipe=self.config.fp8_recipe,
             recompute_granularity=self.config.recompute_granularity,
+            recompute_method=self.config.recompute_method,
+            recompute_num_layers=self.config.recompute_num_layers,
             calculate_per_token_loss=True,
         )
         chunks = model_lib.build_model_chunks(

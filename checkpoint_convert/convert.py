@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from checkpoint_convert.megatron_io import (
 )
 from checkpoint_convert.safetensors_io import (
     INDEX_FILE,
+    ByteRange,
     PlannedTensor,
     SafetensorsReader,
     ShardWriter,
@@ -149,65 +151,53 @@ def _layer_name(spec: MegatronTensorSpec, layer: int) -> str:
     return spec.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
 
 
-def _plan_chunks(
-    adapter: Adapter, reader: SafetensorsReader, dtype: torch.dtype, bar: tqdm
-) -> list[ChunkWrite]:
-    """One ChunkWrite per (tensor, layer), layer-major so HF shards are read mostly in order."""
+def _plan_chunks(adapter: Adapter, reader: SafetensorsReader, bar: tqdm) -> list[ChunkWrite]:
+    """One ChunkWrite per (tensor, layer), layer-major so HF shards are read mostly in order.
 
-    # Per-layer chunks reuse one buffer per shape (a layer's worth of memory): fresh allocations
-    # would page-fault (zero-fill) on every read, which costs about as much as the read itself.
-    # Exact-size buffers, because torch.save writes a tensor's whole storage. Safe because the
-    # DCP writer writes each chunk before it asks for the next (megatron_io._StreamingWriter).
-    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+    A chunk's data is its row pieces (``Adapter.row_pieces``: the layout
+    ``Adapter.hf_to_megatron`` builds) as byte ranges of the HF files; the writer copies them
+    file to file, and the vocab padding rows, which no piece covers, stay zero.
+    """
 
-    def producer(name: str, shape: tuple[int, ...], per_layer: bool):
-        def produce() -> torch.Tensor:
-            out = buffers.get(shape) if per_layer else None
-            if out is None:
-                out = torch.empty(shape, dtype=dtype)
-                buffers[shape] = out if per_layer else None
-            # Every source row range is read straight into its place in the fused tensor
-            # (Adapter.row_pieces: the layout Adapter.hf_to_megatron builds), no temporaries.
-            pieces = adapter.row_pieces(name)
-            covered = sum(p.num_rows for p in pieces)
-            out[covered:] = 0  # vocab padding rows
-            for piece in pieces:
-                rows = out.narrow(0, piece.megatron_row, piece.num_rows)
-                reader.read_rows(piece.hf_name, piece.hf_row, rows)
-                bar.update(rows.numel() * rows.element_size())
-            return out.unsqueeze(0) if per_layer else out
+    def ranges(name: str, row_bytes: int):
+        def resolve() -> list[ByteRange]:
+            out = []
+            for piece in adapter.row_pieces(name):
+                fd, offset, nbytes = reader.row_range(piece.hf_name, piece.hf_row, piece.num_rows)
+                out.append(ByteRange(fd, offset, nbytes, piece.megatron_row * row_bytes))
+                bar.update(nbytes)
+            return out
 
-        return produce
+        return resolve
+
+    def chunk(spec: MegatronTensorSpec, layer: int | None) -> ChunkWrite:
+        dtype = reader.tensors[adapter.hf_sources(_spec_name(spec, layer))[0]].dtype
+        row_bytes = math.prod(spec.shape[1:]) * dtype.itemsize
+        if layer is None:
+            return ChunkWrite(
+                spec.key, spec.shape, (0,) * len(spec.shape), spec.shape, dtype,
+                ranges(spec.key, row_bytes),
+            )  # fmt: skip
+        return ChunkWrite(
+            spec.key,
+            (adapter.dims.num_layers, *spec.shape),
+            (layer,) + (0,) * len(spec.shape),
+            (1, *spec.shape),
+            dtype,
+            ranges(_layer_name(spec, layer), row_bytes),
+        )
 
     specs = adapter.megatron_specs()
-    layers = adapter.dims.num_layers
-    chunks = [
-        ChunkWrite(
-            s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, s.shape, False)
-        )
-        for s in specs
-        if not s.per_layer and s.key == EMBEDDING
-    ]
-    for layer in range(layers):
-        for s in (s for s in specs if s.per_layer):
-            chunks.append(
-                ChunkWrite(
-                    s.key,
-                    (layers, *s.shape),
-                    (layer,) + (0,) * len(s.shape),
-                    (1, *s.shape),
-                    dtype,
-                    producer(_layer_name(s, layer), s.shape, True),
-                )
-            )
-    chunks += [
-        ChunkWrite(
-            s.key, s.shape, (0,) * len(s.shape), s.shape, dtype, producer(s.key, s.shape, False)
-        )
-        for s in specs
-        if not s.per_layer and s.key != EMBEDDING
-    ]
+    ends = [s for s in specs if not s.per_layer]
+    chunks = [chunk(s, None) for s in ends if s.key == EMBEDDING]
+    for layer in range(adapter.dims.num_layers):
+        chunks += [chunk(s, layer) for s in specs if s.per_layer]
+    chunks += [chunk(s, None) for s in ends if s.key != EMBEDDING]
     return chunks
+
+
+def _spec_name(spec: MegatronTensorSpec, layer: int | None) -> str:
+    return spec.key if layer is None else _layer_name(spec, layer)
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -248,9 +238,7 @@ def hf_to_megatron(
                 for layer in range(layers)
                 for module in EXTRA_STATE_MODULES
             ]
-            write_dist_checkpoint(
-                staging, _plan_chunks(adapter, reader, dtype, bar), objects, common={}
-            )
+            write_dist_checkpoint(staging, _plan_chunks(adapter, reader, bar), objects, common={})
             _copy_side_files(hf_dir, staging / HF_CONFIG_DIR)
             shutil.copy2(hf_dir / "config.json", staging / ROOT_CONFIG)
             info = {
@@ -350,24 +338,44 @@ def megatron_to_hf(
     if hf_config_dir is None and not side_dir.is_dir():
         side_dir = megatron_dir  # an actor checkpoint: config.json only
     adapter = adapter_for(read_config(side_dir / "config.json"))
-    reader = DistCheckpointReader(megatron_dir)
-    planned = _hf_plan(adapter, _check_megatron_tensors(adapter, reader), dtype)
-    shards = plan_shards(planned, max_shard_bytes)
-    total = sum(p.nbytes for p in planned)
-    with (
-        staged_output(output_dir, force, (megatron_dir, side_dir), sync) as staging,
-        tqdm(
-            total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress
-        ) as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(DistCheckpointReader(megatron_dir))
+        planned = _hf_plan(adapter, _check_megatron_tensors(adapter, reader), dtype)
+        shards = plan_shards(planned, max_shard_bytes)
+        total = sum(p.nbytes for p in planned)
+        staging = stack.enter_context(
+            staged_output(output_dir, force, (megatron_dir, side_dir), sync)
+        )
+        bar = stack.enter_context(
+            tqdm(total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress)
+        )
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         writers = [ShardWriter(staging / n, shard) for n, shard in zip(names, shards)]
         writer_of = {p.name: w for w, shard in zip(writers, shards) for p in shard}
         for name, key, offsets, sizes, per_layer in _megatron_blocks(adapter, reader):
+            pieces = adapter.row_pieces(name)
+            stored = reader.stored_bytes(key, offsets, sizes) if dtype is None else None
+            if stored is not None:
+                # A whole stored chunk: its row pieces go file to file into the HF shards.
+                fd, data_offset = stored
+                row_bytes = math.prod(sizes[2:] if per_layer else sizes[1:])
+                row_bytes *= reader.tensor_metadata(key).properties.dtype.itemsize
+                for piece in pieces:
+                    bar.update(
+                        writer_of[piece.hf_name].copy_rows(
+                            piece.hf_name,
+                            piece.hf_row,
+                            piece.num_rows,
+                            fd,
+                            data_offset + piece.megatron_row * row_bytes,
+                        )
+                    )
+                continue
+            # Any other chunking (e.g. saved under TP > 1) or a cast: read the block, then
+            # write each row piece from it.
             block = reader.read(key, offsets, sizes)
             block = block[0] if per_layer else block
-            # Row pieces go from the block straight to their place in the HF shard files.
-            for piece in adapter.row_pieces(name):
+            for piece in pieces:
                 rows = block.narrow(0, piece.megatron_row, piece.num_rows)
                 rows = rows.to(dtype) if dtype is not None else rows
                 writer_of[piece.hf_name].write_rows(piece.hf_name, piece.hf_row, rows)

@@ -6,19 +6,31 @@ megatron-core's ``metadata.json`` and ``common.pt``. Every ShardedTensor is stor
 chunks; loading under another TP/PP layout reads the overlapping parts. So one layout serves all
 layouts, and we are free to choose the chunks: one per layer.
 
-Writing: DCP asks the planner for each item's data (``resolve_data``) only when it writes that
-item, so our planner describes all chunks up front (shapes only) and produces each chunk's data
-on demand: peak memory is one chunk plus its sources, not the model.
-Reading: we plan the reads of one region at a time (``create_read_items_for_chunk_list`` does the
-overlap arithmetic against whatever chunks the checkpoint holds) and let the DCP reader fill
-our buffer.
+Writing: our planner describes all chunks up front (shapes only). Each chunk's data is a list
+of byte ranges of source files (:class:`ByteRange`; the HF safetensors rows, in Megatron's
+fused order), never a tensor: the writer emits the chunk's ``torch.save`` record (the same
+zip container DCP's stock writer makes, so DCP's and megatron-core's readers load it) with a
+hole where the data goes, then fills the hole file to file with ``copy_file_range``. Bytes no
+range covers stay zero (the vocab padding). Peak memory is independent of the model size and
+the bytes never pass through this process.
+
+Reading: a block that is exactly one stored chunk (every chunk we write, and megatron-core's
+when the saving layout had TP = 1) is located inside its record (:meth:`DistCheckpointReader.
+stored_bytes`) so it too can be copied file to file. Other blocks are planned with
+``create_read_items_for_chunk_list`` (the overlap arithmetic against whatever chunks the
+checkpoint holds) and read by DCP's reader into our buffer.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import pickle
+import struct
 import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +62,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from checkpoint_convert.adapters import ConversionError
-from checkpoint_convert.safetensors_io import WritebackPacer
+from checkpoint_convert.safetensors_io import MOVER, ByteRange, WritebackPacer, _write_from
 
 # What megatron-core 0.16.1 writes for a torch_dist checkpoint (read by dist_checkpointing.load).
 MCORE_METADATA = {
@@ -63,15 +75,16 @@ MCORE_METADATA = {
 
 @dataclass(frozen=True, slots=True)
 class ChunkWrite:
-    """One stored chunk: ``key`` with ``global_shape``; ``offsets`` of a block of ``sizes``;
-    ``produce()`` returns its data (shape ``sizes``) when the writer gets to it."""
+    """One stored chunk: ``key`` with ``global_shape``; ``offsets`` of a block of ``sizes``.
+    ``ranges()`` returns where its data comes from (``dest`` offsets within the chunk's
+    C-contiguous bytes; uncovered bytes are zero) when the writer gets to it."""
 
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    ranges: Callable[[], list[ByteRange]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,58 +128,116 @@ class _LazySavePlanner(DefaultSavePlanner):
         self.plan = SavePlan(self._items)
         return self.plan
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        if write_item.type == WriteItemType.BYTE_IO:
-            buffer = io.BytesIO()
-            torch.save([self._objects[write_item.index.fqn].data], buffer)
-            return buffer
+    def resolve_data(self, write_item: WriteItem) -> io.BytesIO:
+        """Byte items only; tensor items are written by ranges (:meth:`resolve_ranges`)."""
+        if write_item.type != WriteItemType.BYTE_IO:
+            raise AssertionError("tensor items are resolved with resolve_ranges")
+        buffer = io.BytesIO()
+        torch.save([self._objects[write_item.index.fqn].data], buffer)
+        return buffer
+
+    def resolve_ranges(self, write_item: WriteItem) -> tuple[ChunkWrite, list[ByteRange]]:
         chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        data = chunk.produce()
-        if tuple(data.shape) != chunk.sizes or data.dtype != chunk.dtype:
-            raise ConversionError(
-                f"{chunk.key} at {chunk.offsets}: produced {tuple(data.shape)} {data.dtype}, "
-                f"expected {chunk.sizes} {chunk.dtype}"
-            )
-        return data.contiguous()
+        ranges = chunk.ranges()
+        nbytes = torch.Size(chunk.sizes).numel() * chunk.dtype.itemsize
+        for piece in ranges:
+            if piece.dest < 0 or piece.dest + piece.nbytes > nbytes:
+                raise ConversionError(
+                    f"{chunk.key} at {chunk.offsets}: byte range {piece.dest}+{piece.nbytes} "
+                    f"outside its {nbytes} bytes"
+                )
+        return chunk, ranges
+
+
+class _RecordStream:
+    """The file-like object ``torch.save`` writes a record into, at ``position`` of ``fd``.
+
+    The one write whose buffer is ``hole`` (the placeholder tensor's storage) is skipped, not
+    written: its file offset is kept in ``hole_offset`` for the caller to fill."""
+
+    def __init__(self, fd: int, position: int, hole: torch.Tensor | None = None):
+        self.fd, self.position = fd, position
+        self._hole = (hole.data_ptr(), hole.nbytes) if hole is not None else None
+        self.hole_offset: int | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self._hole is not None and self.hole_offset is None and len(view) == self._hole[1]:
+            if len(view) and _address(view) == self._hole[0]:
+                self.hole_offset = self.position
+                self.position += len(view)
+                return len(view)
+        _write_from(self.fd, view, self.position)
+        self.position += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def _address(view: memoryview) -> int:
+    import numpy
+
+    return numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data
 
 
 class _StreamingWriter(FileSystemWriter):
-    """DCP's file writer without its per-key tensor cache.
+    """DCP's file writer, writing every item into one file as it goes and keeping nothing.
 
     torch's writer keeps the last tensor written under every key (for its safetensors mode),
     which would pin the embedding and one whole layer for the length of the save. Ours writes
-    the items in plan order into one file, each with ``torch.save`` exactly as the stock writer
-    does (so the stock reader, and megatron-core's, read it), and keeps nothing. Each item is
-    fully written before the next is resolved, so producers may reuse one buffer.
+    the items in plan order into one file, each as the ``torch.save`` record the stock writer
+    makes (so the stock reader, and megatron-core's, read it), with the tensor data copied
+    file to file into the record's data hole.
     """
 
     def write_data(self, plan: SavePlan, planner) -> Future:
         file_name = f"{plan.storage_data.prefix}0.distcp"
         results, pacer = [], WritebackPacer()
-        # torch.save's per-record CRC32 costs more than the disk write itself; torch.load
-        # (DCP's reader, megatron-core's) does not need it.
-        with (
-            torch.utils.serialization.config.patch({"save.compute_crc32": False}),
-            open(Path(self.path) / file_name, "wb") as stream,
-        ):
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                offset = stream.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(data.getbuffer())
-                else:
-                    torch.save(data, stream)
-                length = stream.tell() - offset
-                stream.flush()
-                pacer.wrote(stream.fileno(), length)
-                info = _StorageInfo(relative_path=file_name, offset=offset, length=length)
-                results.append(
-                    WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
-                )
-                del data
+        placeholders: dict[tuple, torch.Tensor] = {}
+        fd = os.open(Path(self.path) / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # torch.save's per-record CRC32 would read the data (and costs more than the disk
+        # write itself); torch.load (DCP's reader, megatron-core's) does not need it.
+        position = 0
+        with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+            try:
+                for item in plan.items:
+                    if item.type == WriteItemType.BYTE_IO:
+                        data = planner.resolve_data(item).getbuffer()
+                        _write_from(fd, data, position)
+                        length = len(data)
+                    else:
+                        length = self._write_tensor(fd, position, item, planner, placeholders)
+                    pacer.wrote(fd, length)
+                    info = _StorageInfo(relative_path=file_name, offset=position, length=length)
+                    results.append(
+                        WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
+                    )
+                    position += length
+            finally:
+                os.close(fd)
         future: Future = Future()
         future.set_result(results)
         return future
+
+    @staticmethod
+    def _write_tensor(fd: int, position: int, item, planner, placeholders: dict) -> int:
+        chunk, ranges = planner.resolve_ranges(item)
+        shape = (chunk.sizes, chunk.dtype)
+        if shape not in placeholders:
+            # Never touched: torch.save only passes its address to _RecordStream.write.
+            placeholders.clear()
+            placeholders[shape] = torch.empty(chunk.sizes, dtype=chunk.dtype)
+        placeholder = placeholders[shape]
+        stream = _RecordStream(fd, position, placeholder)
+        torch.save(placeholder, stream)
+        if stream.hole_offset is None:
+            if placeholder.nbytes:
+                raise AssertionError(f"torch.save did not write {chunk.key}'s data as one piece")
+            stream.hole_offset = stream.position
+        for piece in ranges:
+            MOVER.copy(piece.fd, piece.offset, fd, stream.hole_offset + piece.dest, piece.nbytes)
+        return stream.position - position
 
 
 def write_dist_checkpoint(
@@ -226,6 +297,45 @@ class DistCheckpointReader:
         self._reader = FileSystemReader(str(self.directory))
         self.metadata: Metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, True)
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> DistCheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stored_bytes(
+        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]
+    ) -> tuple[int, int] | None:
+        """``(fd, offset)`` of the C-contiguous bytes of block ``[offsets, offsets + sizes)`` of
+        ``key`` in the checkpoint's files, when that block is exactly one stored chunk kept as
+        a plain ``torch.save`` record of a contiguous tensor; None otherwise (then use
+        :meth:`read`)."""
+        entry = self.tensor_metadata(key)
+        chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, entry, [chunk])
+        if len(items) != 1 or entry.chunks[items[0].storage_index.index].sizes != chunk.sizes:
+            return None
+        info = self.metadata.storage_data[items[0].storage_index]
+        if info.transform_descriptors:
+            return None
+        if info.relative_path not in self._fds:
+            path = self.directory / info.relative_path
+            self._fds[info.relative_path] = os.open(path, os.O_RDONLY)
+        fd = self._fds[info.relative_path]
+        located = _locate_tensor_data(fd, info.offset, info.length)
+        if located is None:
+            return None
+        dtype, size, stride, data_offset = located
+        if dtype != entry.properties.dtype or size != tuple(sizes) or stride != _strides(sizes):
+            return None
+        return fd, data_offset
 
     def tensor_metadata(self, key: str) -> TensorStorageMetadata:
         entry = self.metadata.state_dict_metadata.get(key)
@@ -264,3 +374,106 @@ class DistCheckpointReader:
         with open(self.directory / info.relative_path, "rb") as stream:
             view = _create_file_view(stream, info.offset, info.length)
             return torch.load(view, map_location="cpu", weights_only=True)
+
+
+def _strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(sizes):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+class _FileWindow(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of ``fd`` as a seekable read-only file."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.position = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self.position)
+        if count <= 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(buffer)[:count]], self.start + self.position)
+        self.position += got
+        return got
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "BFloat16Storage": torch.bfloat16,
+    "HalfStorage": torch.float16,
+}
+
+
+def _tensor_header(storage, storage_offset, size, stride, *rest):
+    return storage, storage_offset, tuple(size), tuple(stride)
+
+
+class _TensorHeaderUnpickler(pickle.Unpickler):
+    """Reads a one-tensor ``data.pkl`` for its storage key, offset, size and stride only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor_header
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"not a plain tensor record: {module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid
+
+
+def _member_data_offset(fd: int, start: int, member: zipfile.ZipInfo) -> int:
+    """Offset (from ``start``) of a stored zip member's data, from its local header."""
+    header = os.pread(fd, 30, start + member.header_offset)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local header")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return member.header_offset + 30 + name_length + extra_length
+
+
+def _locate_tensor_data(
+    fd: int, start: int, length: int
+) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int] | None:
+    """``(dtype, size, stride, absolute data offset)`` of the tensor in the ``torch.save``
+    record at ``[start, start + length)`` of ``fd``; None when it is anything else."""
+    try:
+        archive = zipfile.ZipFile(_FileWindow(fd, start, length))
+        members = {m.filename: m for m in archive.infolist()}
+        pickled = next((n for n in members if n.endswith("/data.pkl")), None)
+        if pickled is None:
+            return None
+        prefix, member = pickled[: -len("data.pkl")], members[pickled]
+        if member.compress_type != zipfile.ZIP_STORED:
+            return None
+        at = _member_data_offset(fd, start, member)
+        raw = os.pread(fd, member.file_size, start + at)
+        storage, storage_offset, size, stride = _TensorHeaderUnpickler(io.BytesIO(raw)).load()
+        _, dtype, storage_key, _, numel = storage
+        data = members.get(f"{prefix}data/{storage_key}")
+        if data is None or data.compress_type != zipfile.ZIP_STORED:
+            return None
+        needed = storage_offset + torch.Size(size).numel()
+        if needed > numel or numel * dtype.itemsize > data.file_size:
+            return None
+        data_at = _member_data_offset(fd, start, data)
+        return dtype, size, stride, start + data_at + storage_offset * dtype.itemsize
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError, KeyError, EOFError):
+        return None

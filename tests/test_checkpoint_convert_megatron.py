@@ -154,8 +154,14 @@ def _case_actor_resave(rank, world_size, hf_dir, megatron_dir, out_dir):
 def test_export_of_an_actor_checkpoint_saved_at_tp2(world, converted, tmp_path, kind):
     hf_dir, megatron_dir = converted[kind]
     world.run(_case_actor_resave, hf_dir, megatron_dir, tmp_path / "actor")
-    embedding = DistCheckpointReader(tmp_path / "actor").tensor_metadata(EMBEDDING)
-    assert tuple(embedding.size) == (512, 64) and len(embedding.chunks) == 2  # TP=2 layout
+    with DistCheckpointReader(tmp_path / "actor") as reader:
+        embedding = reader.tensor_metadata(EMBEDDING)
+        assert tuple(embedding.size) == (512, 64) and len(embedding.chunks) == 2  # TP=2 layout
+        # TP-split blocks span two stored chunks (read and joined); megatron-core's record of
+        # a replicated norm is one whole chunk, copied file to file.
+        assert reader.stored_bytes(EMBEDDING, (0, 0), (512, 64)) is None
+        norm = "decoder.final_layernorm.weight"
+        assert reader.stored_bytes(norm, (0,), (64,)) is not None
     back = megatron_to_hf(tmp_path / "actor", tmp_path / "hf", progress=False)
     original, restored = load_hf_tensors(hf_dir), load_hf_tensors(back)
     original.pop("lm_head.weight", None) if kind == "qwen2_tied" else None

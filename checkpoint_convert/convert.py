@@ -40,6 +40,7 @@ from checkpoint_convert.megatron_io import (
 )
 from checkpoint_convert.safetensors_io import (
     INDEX_FILE,
+    PAGE,
     ByteRange,
     PlannedTensor,
     SafetensorsReader,
@@ -316,6 +317,30 @@ def _hf_plan(
     ]
 
 
+def _row_bytes(reader: DistCheckpointReader, key: str, sizes: tuple, per_layer: bool) -> int:
+    rows = math.prod(sizes[2:] if per_layer else sizes[1:])
+    return rows * reader.tensor_metadata(key).properties.dtype.itemsize
+
+
+def _wanted_residues(
+    adapter: Adapter, reader: DistCheckpointReader, blocks: list[tuple]
+) -> dict[str, int]:
+    """Per HF tensor, where (modulo the page size) its data should start so that its largest
+    piece copies page-aligned from the stored chunk (see safetensors_io.best_data_start)."""
+    best: dict[str, tuple[int, int]] = {}  # name -> (piece bytes, residue)
+    for name, key, offsets, sizes, per_layer in blocks:
+        stored = reader.stored_bytes(key, offsets, sizes)
+        if stored is None:
+            continue
+        row_bytes = _row_bytes(reader, key, sizes, per_layer)
+        for piece in adapter.row_pieces(name):
+            source = stored[1] + (piece.megatron_row - piece.hf_row) * row_bytes
+            nbytes = piece.num_rows * row_bytes
+            if nbytes > best.get(piece.hf_name, (-1, 0))[0]:
+                best[piece.hf_name] = (nbytes, source % PAGE)
+    return {name: residue for name, (_, residue) in best.items()}
+
+
 def megatron_to_hf(
     megatron_dir: Path,
     output_dir: Path,
@@ -350,16 +375,17 @@ def megatron_to_hf(
             tqdm(total=total, unit="B", unit_scale=True, desc="megatron->hf", disable=not progress)
         )
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        writers = [ShardWriter(staging / n, shard) for n, shard in zip(names, shards)]
+        blocks = list(_megatron_blocks(adapter, reader))
+        wanted = _wanted_residues(adapter, reader, blocks) if dtype is None else {}
+        writers = [ShardWriter(staging / n, shard, wanted) for n, shard in zip(names, shards)]
         writer_of = {p.name: w for w, shard in zip(writers, shards) for p in shard}
-        for name, key, offsets, sizes, per_layer in _megatron_blocks(adapter, reader):
+        for name, key, offsets, sizes, per_layer in blocks:
             pieces = adapter.row_pieces(name)
             stored = reader.stored_bytes(key, offsets, sizes) if dtype is None else None
             if stored is not None:
                 # A whole stored chunk: its row pieces go file to file into the HF shards.
                 fd, data_offset = stored
-                row_bytes = math.prod(sizes[2:] if per_layer else sizes[1:])
-                row_bytes *= reader.tensor_metadata(key).properties.dtype.itemsize
+                row_bytes = _row_bytes(reader, key, sizes, per_layer)
                 for piece in pieces:
                     bar.update(
                         writer_of[piece.hf_name].copy_rows(

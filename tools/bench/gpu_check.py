@@ -19,7 +19,9 @@
    recomputed ones (the trainer's ``rollout/logprob_diff_*``).
 6. Our core attention's fused kernels (flash for plain causal, memory-efficient with the CP
    zigzag mask) against the materialised fp32 reference, bf16 with GQA.
-7. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
+7. The model with our core attention against Megatron's DotProductAttention, same weights,
+   bf16: logits and gradients.
+8. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
    the local spec (flash attention through our core attention) and the chunked log-probs;
    peak memory and time.
 
@@ -302,6 +304,56 @@ def attention_check(args) -> dict:
     return result
 
 
+def model_attention_check(args) -> dict:
+    """The GPTModel (2 layers of the 1B shape) with our core attention on its fused kernels
+    against the same weights with Megatron's DotProductAttention: logits and every gradient,
+    bf16 on this device (the GPU path without TE uses ours by default)."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.cp_attention import ContextParallelAttention
+    from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig())
+    hf = model_config(2)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    config = model_lib.transformer_config_from_hf(hf, ParallelConfig(), dtype=dtype)
+    models = []
+    for own in (False, True):
+        model = model_lib.build_gpt_model(hf, config, own_attention=own).to(DEVICE)
+        for module in model.modules():
+            if isinstance(module, ContextParallelAttention):
+                module.fused = True
+        models.append(Float16Module(config, model) if config.bf16 else model)
+    with torch.no_grad():
+        mine = dict(models[1].named_parameters())
+        for name, param in models[0].named_parameters():
+            mine[name].copy_(param)
+    length = 256 if DEVICE == "cpu" else 2048
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf["vocab_size"], (2, length), generator=gen).to(DEVICE)
+    positions = torch.arange(length, device=DEVICE).expand(2, length)
+    mask = model_lib.causal_attention_mask(length, DEVICE)
+    outputs = []
+    for model, attention_mask in zip(models, (mask, None)):
+        logits = model(ids, positions, attention_mask)
+        torch.log_softmax(logits.float(), dim=-1)[..., 0].sum().backward()
+        outputs.append(logits.detach().float())
+    grads = [dict((n, p.grad.float()) for n, p in m.named_parameters()) for m in models]
+    grad_err = max(
+        ((grads[1][n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in grads[0].items()
+    )
+    return {
+        "part": "model_attention",
+        "seq_len": length,
+        "dtype": str(dtype),
+        "logits_max_rel_err": (
+            (outputs[1] - outputs[0]).abs().max() / outputs[0].abs().max()
+        ).item(),
+        "grads_max_rel_norm_err": grad_err,
+    }
+
+
 def _logprob_peak(method: str, tokens: int, vocab: int, hidden: int) -> float:
     from megatron_fipo.megatron.logprobs import chunked_log_probs, log_probs_from_logits
 
@@ -398,7 +450,15 @@ def main(argv=None) -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=("actor", "logprob", "cp_scan", "future_kl", "long", "attention"),
+        choices=(
+            "actor",
+            "logprob",
+            "cp_scan",
+            "future_kl",
+            "long",
+            "attention",
+            "model_attention",
+        ),
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script")
     args = parser.parse_args(argv)
@@ -414,6 +474,7 @@ def main(argv=None) -> int:
     parts = {
         "cp_scan": cp_scan_check,
         "attention": attention_check,
+        "model_attention": model_attention_check,
         "future_kl": future_kl_cuda,
         "logprob": logprob_memory,
         "actor": actor_step,

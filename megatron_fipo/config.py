@@ -463,6 +463,9 @@ class TrainerConfig(_Section):
     """"auto": newest complete checkpoint in output_dir if any; "disable"; or a checkpoint path."""
     max_checkpoints_to_keep: int | None = _num(None, ge=1)
     """Delete older checkpoints beyond this many (None: keep all)."""
+    optimizer_checkpoint_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """Distributed-optimizer state in checkpoints: "dp_reshardable" (fast; resume under the
+    same TP / PP) or "fully_reshardable" (gathered per DP group; resume under any layout)."""
     nnodes: int = _num(1, ge=1)
     """Nodes in the Ray cluster."""
     gpus_per_node: int = _num(8, ge=0)

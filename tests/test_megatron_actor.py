@@ -114,12 +114,13 @@ def test_mixed_tp2_pp2_and_vpp(references):
 
 
 # ------------------------------------------------------------------ checkpoints
-def _save_after_step(rank, world_size, init_dir, save_dir):
+def _save_after_step(rank, world_size, init_dir, save_dir, optimizer_format="dp_reshardable"):
     """TP=2: load initial weights, one step, save the actor; then one more step."""
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
     actor_cfg, optim_cfg = settings.actor_configs()
+    actor_cfg = dataclasses.replace(actor_cfg, optimizer_checkpoint_format=optimizer_format)
     actor = MegatronActor(
         _hf(settings), ParallelConfig(tensor_parallel=world_size), actor_cfg, optim_cfg
     )
@@ -132,16 +133,15 @@ def _save_after_step(rank, world_size, init_dir, save_dir):
     return log_probs, second, actor.compute_log_probs(batch)
 
 
-def _resume(rank, world_size, save_dir):
-    """Same layout as the saver: a fresh actor loads everything and takes the next step."""
+def _resume(rank, world_size, save_dir, parallel=None, load_optimizer=True):
+    """A fresh actor (default: the saver's layout) loads everything and takes the next step."""
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
     actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(
-        _hf(settings), ParallelConfig(tensor_parallel=world_size), actor_cfg, optim_cfg
-    )
-    actor.load(save_dir)
+    parallel = parallel or ParallelConfig(tensor_parallel=world_size)
+    actor = MegatronActor(_hf(settings), parallel, actor_cfg, optim_cfg)
+    actor.load(save_dir, load_optimizer=load_optimizer)
     batch = _batch_with_old(actor, settings)
     steps = actor.num_steps
     second = actor.train_step(batch)
@@ -185,3 +185,38 @@ def test_checkpoint_tp2_reloads_at_tp1_and_resumes(world1, world2, references, t
         assert abs(second_tp2[key] - second_resumed[key]) < 1e-6, key
     # Same Adam moments after the reload, so the second update lands at the same weights.
     assert float((after_second - after_resumed).abs().max()) < 1e-6
+
+
+def _resume_refused(rank, world_size, save_dir, parallel):
+    try:
+        _resume(rank, world_size, save_dir, parallel)
+    except ValueError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, references, tmp_path):
+    """Saved at TP=2 after one Adam step, resumed at PP=2: the second step (loss, gradient
+    norm) and the weights after it match the run that went on at TP=2, so the Adam moments
+    came back. A dp_reshardable save refuses that layout change, naming it."""
+    _, init_dir = references(ADAM)
+    save_dir = str(tmp_path / "actor")
+    saved = world2.run(_save_after_step, init_dir, save_dir, "fully_reshardable")
+    _, second_tp2, after_second = saved[0]
+    steps, second_pp2, after_pp2 = world2.run(
+        _resume, save_dir, ParallelConfig(pipeline_parallel=2)
+    )[0]
+    assert steps == 1
+    for key in ("actor/loss", "actor/grad_norm", "actor/lr"):
+        assert abs(second_tp2[key] - second_pp2[key]) < 1e-5, key
+    assert float((after_second - after_pp2).abs().max()) < 1e-5
+    # Without the moments (weights only) the same step lands elsewhere: the check can fail.
+    _, _, after_fresh = world2.run(
+        _resume, save_dir, ParallelConfig(pipeline_parallel=2), load_optimizer=False
+    )[0]
+    assert float((after_second - after_fresh).abs().max()) > 1e-3
+
+    other_dir = str(tmp_path / "dp_reshardable")
+    world2.run(_save_after_step, init_dir, other_dir)
+    for message in world2.run(_resume_refused, other_dir, ParallelConfig(pipeline_parallel=2)):
+        assert "saved dp_reshardable" in message and "tensor_parallel 2 -> 1" in message, message

@@ -70,6 +70,7 @@ class TrainWorker:
                 recompute_method=config.model.recompute_method,
                 recompute_num_layers=config.model.recompute_num_layers,
                 seed=config.trainer.seed,
+                optimizer_checkpoint_format=config.trainer.optimizer_checkpoint_format,
             ),
             ActorOptimizerConfig(
                 lr=optim.lr,

@@ -67,6 +67,10 @@ class ActorConfig:
     per pipeline stage (``block``)."""
     seed: int = 1234
     """Seed of the weight initialisation and Megatron's RNG tracker."""
+    optimizer_checkpoint_format: str = "dp_reshardable"
+    """How :meth:`MegatronActor.save` writes the distributed optimizer's state:
+    ``dp_reshardable`` (fast, no communication; resumes under the same TP / PP) or
+    ``fully_reshardable`` (gathered per DP group; resumes under any TP / PP / DP)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -75,6 +79,11 @@ class ActorConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.optimizer_checkpoint_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ValueError(
+                "optimizer_checkpoint_format must be 'dp_reshardable' or 'fully_reshardable', "
+                f"got {self.optimizer_checkpoint_format!r}"
+            )
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError(
                 "recompute_granularity must be None, 'full' or 'selective', got "

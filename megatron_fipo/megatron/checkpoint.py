@@ -5,8 +5,11 @@ Format (a directory written with ``megatron.core.dist_checkpointing``, ``torch_d
 - the Megatron sharded tensors of every model chunk under ``model0``, ``model1``, ... (one per
   virtual pipeline stage); tensor keys carry global layer numbers, so a checkpoint saved under
   one TP / PP layout loads under any other;
-- for actor checkpoints also ``optimizer`` (distributed-optimizer state sharded
-  ``dp_reshardable``: reloadable under another DP size, same TP / PP) and ``scheduler``;
+- for actor checkpoints also ``optimizer`` and ``scheduler``. The distributed optimizer's
+  state is saved ``dp_reshardable`` (default: each rank writes its own buffers, no
+  communication; reloadable under another DP size, same TP / PP) or ``fully_reshardable``
+  (each DP group gathers its state into per-parameter tensors first; reloadable under any
+  TP / PP / DP), chosen by ``ActorConfig.optimizer_checkpoint_format``;
 - beside them ``config.json`` (the Hugging Face model config) and ``fipo_checkpoint.json``
   (what was saved: parallel layout, step, caller metadata).
 
@@ -16,6 +19,7 @@ Saving starts a spawn-context manager inside megatron-core: the calling script n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,7 +174,7 @@ def read_hf_config(path: str) -> dict:
         return json.load(handle)
 
 
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) -> None:
@@ -178,16 +182,51 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
     from megatron.core import dist_checkpointing
 
     _prepare_dir(path)
+    optimizer_format = actor.config.optimizer_checkpoint_format
     state = model_sharded_state_dict(actor.model)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
-        state, is_loading=False, metadata=_OPTIMIZER_METADATA
+        state, is_loading=False, metadata={"distrib_optim_sharding_type": optimizer_format}
     )
     state["scheduler"] = actor.scheduler.state_dict()
     state["num_steps"] = actor.num_steps
     dist_checkpointing.save(state, path)
-    meta = {"kind": "actor", "layout": _layout(), "num_steps": actor.num_steps}
+    meta = {
+        "kind": "actor",
+        "layout": _layout(),
+        "num_steps": actor.num_steps,
+        "optimizer_format": optimizer_format,
+        "distributed_optimizer": actor.config.use_distributed_optimizer,
+    }
     _write_metadata(path, actor.hf_config, {**meta, **(extra_metadata or {})})
     dist.barrier()
+
+
+def _saved_optimizer_format(path: str) -> str:
+    """The optimizer format an actor checkpoint was saved with; ValueError when its layout
+    cannot be reloaded under the current one."""
+    meta_path = os.path.join(path, CHECKPOINT_META)
+    meta = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+    saved = meta.get("optimizer_format", "dp_reshardable")  # checkpoints before the option
+    if saved not in OPTIMIZER_FORMATS:
+        raise ValueError(f"{meta_path}: unknown optimizer_format {saved!r}")
+    layout, now = meta.get("layout") or {}, _layout()
+    changed = [
+        f"{key} {layout[key]} -> {now[key]}"
+        for key in ("tensor_parallel", "pipeline_parallel")
+        if key in layout and layout[key] != now[key]
+    ]
+    # Without the distributed optimizer the state is per parameter: reshardable either way.
+    if saved == "dp_reshardable" and meta.get("distributed_optimizer", True) and changed:
+        raise ValueError(
+            f"the optimizer state in {path} was saved dp_reshardable, which reloads only under "
+            f"the same TP / PP ({', '.join(changed)}). Resume with the saving layout, load the "
+            "weights only (load_optimizer=False), or save with "
+            "optimizer_checkpoint_format='fully_reshardable'"
+        )
+    return saved
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -218,10 +257,42 @@ def _unshare_step_counters(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+@contextlib.contextmanager
+def _keep_torch_adam_steps(optimizer):
+    """megatron-core 0.16.1 restores a ``fully_reshardable`` state by copying every key of a
+    parameter's optimizer state from the loaded tensors, but leaves torch Adam's per-parameter
+    ``step`` out of those tensors (it restores it from the param groups instead), so without
+    TE / Apex Adam the load fails with ``KeyError: 'step'``. For the length of the load, hand
+    it each parameter's current (already restored) ``step``."""
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        index_map = getattr(inner, "model_param_group_index_map", None)
+        if setter is None or index_map is None:
+            continue
+
+        def with_step(model_param, tensors, inner=inner, setter=setter, index_map=index_map):
+            group, order = index_map[model_param]
+            state = inner.optimizer.state.get(inner.optimizer.param_groups[group]["params"][order])
+            if state and "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            setter(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = with_step
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # back to the class's method
+
+
 @torch.no_grad()  # the optimizer copies into views of parameters that require grad
 def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> None:
-    """Restores what :func:`save_actor_checkpoint` wrote. The optimizer part needs the saving
-    run's TP / PP layout (DP may differ); ``load_optimizer=False`` takes the weights only."""
+    """Restores what :func:`save_actor_checkpoint` wrote, in the format it was saved with.
+    A ``dp_reshardable`` optimizer state needs the saving run's TP / PP layout (DP may
+    differ), a ``fully_reshardable`` one loads under any; ``load_optimizer=False`` takes the
+    weights only."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(path):
@@ -230,17 +301,19 @@ def load_actor_checkpoint(actor, path: str, *, load_optimizer: bool = True) -> N
         load_model_checkpoint(actor.model, path)
         actor.optimizer.reload_model_params()
         return
+    optimizer_format = _saved_optimizer_format(path)
     _materialise_optimizer_state(actor.optimizer)
     state = model_sharded_state_dict(actor.model)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
-        state, is_loading=True, metadata=_OPTIMIZER_METADATA
+        state, is_loading=True, metadata={"distrib_optim_sharding_type": optimizer_format}
     )
     state["scheduler"] = None
     state["num_steps"] = None
     loaded = dist_checkpointing.load(state, path)
     for index, chunk in enumerate(actor.model):
         unwrap(chunk).load_state_dict(loaded[f"model{index}"], strict=True)
-    actor.optimizer.load_state_dict(loaded["optimizer"])
+    with _keep_torch_adam_steps(actor.optimizer):
+        actor.optimizer.load_state_dict(loaded["optimizer"])
     _unshare_step_counters(actor.optimizer)
     actor.scheduler.load_state_dict(loaded["scheduler"])
     actor.num_steps = int(loaded["num_steps"])

@@ -28,6 +28,9 @@ from megatron_fipo.megatron.distributed import ParallelConfig
 ADAM = CheckSettings(optimizer="adam", num_layers=4)
 SGD = CheckSettings(optimizer="sgd", num_layers=4)
 TIED_SGD = CheckSettings(optimizer="sgd", num_layers=4, tie_word_embeddings=True)
+# Dynamic batching: the fixed batch's sequences (6-31 tokens) in micro-batches of <= 64
+# padded tokens, so 2-5 rows of varying width each.
+DYNAMIC = dataclasses.replace(ADAM, max_tokens_per_micro_batch=64)
 
 
 def _layout_case(rank, world_size, parallel, settings, checkpoint_dir, reference):
@@ -220,3 +223,44 @@ def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, refere
     world2.run(_save_after_step, init_dir, other_dir)
     for message in world2.run(_resume_refused, other_dir, ParallelConfig(pipeline_parallel=2)):
         assert "saved dp_reshardable" in message and "tensor_parallel 2 -> 1" in message, message
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        ParallelConfig(),
+        ParallelConfig(pipeline_parallel=2),
+        ParallelConfig(context_parallel=2),
+        ParallelConfig(tensor_parallel=2),
+        ParallelConfig(data_parallel=2),
+    ],
+    ids=["single", "pp2-variable-shapes", "cp2", "tp2", "dp2"],
+)
+def test_dynamic_batching_matches_fixed_micro_batches(world1, world2, references, parallel):
+    """Token-budget micro-batches (sorted, each padded to its own longest row) give the same
+    log-probs, loss, gradient norm and updated weights as fixed two-row micro-batches."""
+    reference, directory = references(ADAM)
+    world = (
+        world1 if parallel.model_parallel_size == 1 and parallel.data_parallel is None else world2
+    )
+    _check(reference, world.run(_layout_case, parallel, DYNAMIC, directory, False)[0])
+
+
+def test_dynamic_batching_plan():
+    """Every row exactly once, longest first, within the budget; a row over it is named."""
+    from megatron_fipo.megatron.actor import ActorConfig, MegatronActor
+
+    actor = MegatronActor.__new__(MegatronActor)  # the planner needs only the two configs
+    actor.parallel = ParallelConfig(context_parallel=2)
+    actor.config = ActorConfig(max_tokens_per_micro_batch=48)
+    lengths = torch.tensor([5, 30, 9, 17, 3, 12, 44, 8])
+    plan = actor._plan_micro_batches(lengths)
+    rows = torch.cat([r for r, _ in plan])
+    assert sorted(rows.tolist()) == list(range(8))
+    assert lengths[rows].tolist() == sorted(lengths.tolist(), reverse=True)
+    for group, common in plan:
+        assert common % 4 == 0 and common >= int(lengths[group].max())
+        assert len(group) * common <= 48
+    assert [len(g) for g, _ in plan] == [1, 1, 2, 4]  # 44 | 30 | 17+12 | 9+8+5+3
+    with pytest.raises(ValueError, match="exceeds max_tokens_per_micro_batch=48"):
+        actor._plan_micro_batches(torch.tensor([10, 49]))  # 49 pads to 52 for CP = 2

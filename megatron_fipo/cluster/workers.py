@@ -64,6 +64,7 @@ class TrainWorker:
                 fp8=config.model.fp8,
                 fp8_recipe=config.model.fp8_recipe,
                 micro_batch_size=par.micro_batch_size,
+                max_tokens_per_micro_batch=par.max_tokens_per_micro_batch,
                 use_distributed_optimizer=par.use_distributed_optimizer,
                 temperature=config.rollout.temperature or 1.0,
                 recompute_granularity=config.model.recompute_granularity,

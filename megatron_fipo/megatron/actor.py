@@ -10,6 +10,12 @@ before the first micro-batch. Megatron is told ``calculate_per_token_loss`` and 
 finaliser gets no token count, so neither the schedule nor DDP rescale: DDP sums gradients
 over DP x CP, and the result equals the single-process gradient of the token-mean loss.
 
+Micro-batches: ``micro_batch_size`` consecutive sequences, all padded to the batch's longest;
+or, with ``max_tokens_per_micro_batch`` (dynamic batching, what long-CoT RL needs: responses
+of 1k and 20k tokens in one batch), sequences sorted longest first and grouped while rows x
+the group's longest stays within the token budget, each group padded to its own longest
+(pipeline stages then exchange shapes). Results return in the caller's order.
+
 Data flow per micro-batch: :mod:`megatron_fipo.megatron.context_parallel` lays the sequences
 out (one padded row per sequence, the zigzag split over CP ranks, next-token targets taken
 from the full sequence; CP = 1 is the same code with one chunk pair); the model returns
@@ -51,7 +57,12 @@ class ActorConfig:
     fp8_recipe: str = "delayed"
     """FP8 recipe: delayed / tensorwise / blockwise / mxfp8."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (when ``max_tokens_per_micro_batch`` is None); every row is
+    padded to the batch's longest sequence."""
+    max_tokens_per_micro_batch: int | None = None
+    """Dynamic batching: sequences sorted by length are grouped into micro-batches of at most
+    this many padded tokens (rows x the group's longest sequence), so short responses are not
+    padded to the longest one of the batch. Must hold the longest sequence."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over DP (Megatron's distributed optimizer)."""
     logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -79,6 +90,10 @@ class ActorConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(
+                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}"
+            )
         if self.optimizer_checkpoint_format not in ("dp_reshardable", "fully_reshardable"):
             raise ValueError(
                 "optimizer_checkpoint_format must be 'dp_reshardable' or 'fully_reshardable', "
@@ -179,6 +194,7 @@ class MegatronActor:
             recompute_method=self.config.recompute_method,
             recompute_num_layers=self.config.recompute_num_layers,
             calculate_per_token_loss=True,
+            **_variable_shapes(self.config, parallel),
         )
         chunks = model_lib.build_model_chunks(
             hf_config, self.transformer_config, spec=self.config.spec
@@ -269,23 +285,53 @@ class MegatronActor:
             else None
         )
         cp_rank = parallel_state.get_context_parallel_rank()
-        padded = _pad_batch(batch, self.config.micro_batch_size, with_training_data)
-        # One padded length for every micro-batch: the pipeline exchanges fixed shapes.
-        common = context_parallel.padded_length(
-            int(padded["lengths"].max()),
-            self.parallel.context_parallel,
-            self.parallel.tensor_parallel,
+        dynamic = self.config.max_tokens_per_micro_batch is not None
+        padded = _pad_batch(
+            batch, 1 if dynamic else self.config.micro_batch_size, with_training_data
         )
         micro_batches = []
-        for start in range(0, len(padded["lengths"]), self.config.micro_batch_size):
-            rows = slice(start, start + self.config.micro_batch_size)
-            micro_batches.append(
-                self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
-            )
+        for rows, common in self._plan_micro_batches(padded["lengths"]):
+            micro = self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
+            micro["rows"] = rows
+            micro_batches.append(micro)
         return micro_batches
+
+    def _plan_micro_batches(self, lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """``(row indices, padded length)`` per micro-batch.
+
+        Fixed size: consecutive rows, every one padded to the batch's longest sequence (one
+        shape for the whole schedule). Dynamic (``max_tokens_per_micro_batch``): rows sorted
+        longest first, a micro-batch takes the next row while rows x its first (longest) row's
+        padded length stays within the budget; each micro-batch has its own length (pipeline
+        stages then exchange shapes, ``variable_seq_lengths``).
+        """
+        cp, tp = self.parallel.context_parallel, self.parallel.tensor_parallel
+        budget = self.config.max_tokens_per_micro_batch
+        if budget is None:
+            common = context_parallel.padded_length(int(lengths.max()), cp, tp)
+            size = self.config.micro_batch_size
+            return [
+                (torch.arange(start, min(start + size, len(lengths))), common)
+                for start in range(0, len(lengths), size)
+            ]
+        order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
+        plan: list[tuple[list[int], int]] = []
+        for row in order:
+            length = context_parallel.padded_length(int(lengths[row]), cp, tp)
+            if length > budget:
+                raise ValueError(
+                    f"a sequence of {int(lengths[row])} tokens (padded to {length} for CP={cp}, "
+                    f"TP={tp}) exceeds max_tokens_per_micro_batch={budget}"
+                )
+            if plan and (len(plan[-1][0]) + 1) * plan[-1][1] <= budget:
+                plan[-1][0].append(row)
+            else:
+                plan.append(([row], length))
+        return [(torch.tensor(rows), common) for rows, common in plan]
 
     def _micro_batch(self, padded, rows, common, cp_rank, cp_group, with_training_data) -> dict:
         lengths = padded["lengths"][rows]
+        width = min(common, padded["input_ids"].shape[1])  # the group's columns only
         layout = context_parallel.SequenceLayout(
             lengths=tuple(lengths.tolist()),
             padded_lengths=(common,) * len(lengths),
@@ -295,7 +341,10 @@ class MegatronActor:
         )
         names = ("response_mask", "old_log_probs", "advantages") if with_training_data else ()
         cp_batch = context_parallel.build_cp_batch(
-            padded["input_ids"][rows], lengths, layout, {name: padded[name][rows] for name in names}
+            padded["input_ids"][rows, :width],
+            lengths,
+            layout,
+            {name: padded[name][rows, :width] for name in names},
         )
         local_length = cp_batch.tokens.shape[1]
         device = self.device
@@ -377,17 +426,20 @@ class MegatronActor:
             return hidden.new_zeros(()), torch.ones((), dtype=torch.int), response
 
         outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
-        return self._collect_responses(outputs, batch)
+        return self._collect_responses(outputs, micro_batches, batch)
 
-    def _collect_responses(self, outputs: list, batch: ActorBatch) -> torch.Tensor:
+    def _collect_responses(
+        self, outputs: list, micro_batches: list[dict], batch: ActorBatch
+    ) -> torch.Tensor:
         from megatron.core import parallel_state
 
         num_sequences = len(batch.input_ids)
         width = int(torch.as_tensor(batch.response_lengths).max())
         result = torch.zeros(num_sequences, width, dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            rows = torch.cat(outputs, dim=0)[:num_sequences]
-            result[:, : rows.shape[1]] = rows[:, :width]
+            for micro, values in zip(micro_batches, outputs):
+                keep = micro["rows"] < num_sequences  # not the fixed-size padding rows
+                result[micro["rows"][keep].to(self.device)] = values[keep.to(values.device)]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(
                 result,
@@ -504,6 +556,15 @@ def _finalize_grads(model, num_tokens=None, **kwargs) -> None:
 
 
 # -------------------------------------------------------------------- batch layout helpers
+def _variable_shapes(config: ActorConfig, parallel: ParallelConfig) -> dict[str, Any]:
+    """Dynamic batching gives micro-batches of different shapes: pipeline stages then exchange
+    them (megatron-core refuses that unless the MoE dispatcher, unused by dense models, is
+    ``alltoall``)."""
+    if config.max_tokens_per_micro_batch is None or parallel.pipeline_parallel == 1:
+        return {}
+    return dict(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+
+
 def _pad_batch(batch: ActorBatch, micro_batch_size: int, with_training_data: bool) -> dict:
     """Right-padded token-aligned ``[B_pad, T]`` tensors; B padded to a multiple of
     ``micro_batch_size`` with one-token dummy sequences that carry no response."""

@@ -64,6 +64,7 @@ class CheckSettings:
     tie_word_embeddings: bool = False
     logprob_chunk_size: int = 16
     seed: int = 7
+    max_tokens_per_micro_batch: int | None = None
 
     def actor_configs(self):
         from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig
@@ -72,6 +73,7 @@ class CheckSettings:
         return (
             ActorConfig(
                 micro_batch_size=self.micro_batch_size,
+                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
                 logprob_chunk_size=self.logprob_chunk_size,
                 seed=self.seed,
                 use_distributed_optimizer=not sgd,  # Megatron's supports Adam only

@@ -17,6 +17,8 @@ vocab-parallel logits (tests and the memory benchmark compare the two).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -44,6 +46,25 @@ def _mask_padding(logits: torch.Tensor, vocab_size: int | None, group) -> torch.
     if vocab_size is not None and end > vocab_size:
         logits[:, max(vocab_size - start, 0) :] = _MASKED_LOGIT
     return logits
+
+
+@contextlib.contextmanager
+def tensor_core_fp32_matmul(like: torch.Tensor):
+    """For bf16 / fp16 ``like`` on CUDA: let the fp32 vocab GEMMs below run on tensor cores
+    (TF32) while inside. Their inputs are upcast bf16 / fp16 values, which TF32's 10-bit
+    mantissa holds exactly, so the forward logits are the fp32 products, accumulated in fp32;
+    only the backward's fp32 logit gradients are rounded to TF32. Without it these GEMMs run on
+    the CUDA cores: a profile on an H200 (``tools/bench/gpu_check.py``, part ``profile``) put
+    them at ~0.8 s of a 1.3 s step of a 1B model. No effect on CPU or for fp32 models."""
+    if not (like.is_cuda and like.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, group) -> tuple:
@@ -74,15 +95,16 @@ class _ChunkedLogProbs(torch.autograd.Function):
         num_tokens = hidden.shape[0]
         log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(log_probs)
-        for start in range(0, num_tokens, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = (hidden[rows].float() @ weight.float().t()).div_(temperature)
-            logits = _mask_padding(logits, vocab_size, group)
-            _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
-                logits, targets[rows], group
-            )
-            log_probs[rows] = target_logit - log_z
-            entropy[rows] = log_z - mean_logit
+        with tensor_core_fp32_matmul(hidden):
+            for start in range(0, num_tokens, chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = (hidden[rows].float() @ weight.float().t()).div_(temperature)
+                logits = _mask_padding(logits, vocab_size, group)
+                _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
+                    logits, targets[rows], group
+                )
+                log_probs[rows] = target_logit - log_z
+                entropy[rows] = log_z - mean_logit
         ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
         ctx.vocab_size = vocab_size
@@ -94,27 +116,28 @@ class _ChunkedLogProbs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         weight32 = weight.float()
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            hidden32 = hidden[rows].float()
-            logits = (hidden32 @ weight32.t()).div_(ctx.temperature)
-            logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
-            probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
-                logits, targets[rows], ctx.group
-            )
-            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z]); two [n, V/TP]
-            # buffers (logits, probs) are reused in place for all of it.
-            if grad_entropy is not None:
-                entropy_term = logits.sub_(mean_logit[:, None]).mul_(probs)
-                entropy_term.mul_(grad_entropy[rows, None])
-            grad_logits = probs.mul_(-grad_log_probs[rows, None])
-            if grad_entropy is not None:
-                grad_logits.sub_(entropy_term)
-            onehot_grad = (grad_log_probs[rows] * in_range)[:, None]
-            grad_logits.scatter_add_(-1, local_index[:, None], onehot_grad)
-            grad_logits.div_(ctx.temperature)
-            grad_hidden[rows] = grad_logits @ weight32
-            grad_weight += grad_logits.t() @ hidden32
+        with tensor_core_fp32_matmul(hidden):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                hidden32 = hidden[rows].float()
+                logits = (hidden32 @ weight32.t()).div_(ctx.temperature)
+                logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
+                probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
+                    logits, targets[rows], ctx.group
+                )
+                # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z]); two [n, V/TP]
+                # buffers (logits, probs) are reused in place for all of it.
+                if grad_entropy is not None:
+                    entropy_term = logits.sub_(mean_logit[:, None]).mul_(probs)
+                    entropy_term.mul_(grad_entropy[rows, None])
+                grad_logits = probs.mul_(-grad_log_probs[rows, None])
+                if grad_entropy is not None:
+                    grad_logits.sub_(entropy_term)
+                onehot_grad = (grad_log_probs[rows] * in_range)[:, None]
+                grad_logits.scatter_add_(-1, local_index[:, None], onehot_grad)
+                grad_logits.div_(ctx.temperature)
+                grad_hidden[rows] = grad_logits @ weight32
+                grad_weight += grad_logits.t() @ hidden32
         grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
         return (*grads, None, None, None, None, None)
 

@@ -21,7 +21,8 @@
    zigzag mask) against the materialised fp32 reference, bf16 with GQA.
 7. The model with our core attention against Megatron's DotProductAttention, same weights,
    bf16: logits and gradients.
-8. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
+8. Profile of an actor step per micro-batch size: device busy fraction and top kernels.
+9. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
    the local spec (flash attention through our core attention) and the chunked log-probs;
    peak memory and time.
 
@@ -140,6 +141,53 @@ def actor_step(args) -> dict:
     }
     print(json.dumps(result), flush=True)
     return sync_rollout(actor, hf, args)
+
+
+def profile_actor(args) -> dict:
+    """Where an actor step's time goes: per micro-batch size, step time, busy fraction of
+    the device (kernel time / wall) and the top kernels of one profiled step."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
+    from megatron_fipo.megatron.distributed import ParallelConfig
+
+    hf = model_config(args.num_layers)
+    batch = random_batch(args.num_sequences, args.seq_len, hf["vocab_size"])
+    result = {"part": "profile"}
+    for mbs in args.profile_micro_batch_sizes:
+        gc.collect()
+        _reset_memory()
+        actor = MegatronActor(
+            hf,
+            ParallelConfig(),
+            ActorConfig(dtype="bfloat16", micro_batch_size=mbs),
+            ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
+        )
+        batch.old_log_probs = actor.compute_log_probs(batch)
+        actor.train_step(batch)  # warm-up
+        _sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            actor.train_step(batch)
+            _sync()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+        top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)
+        result[f"mbs{mbs}"] = {
+            "step_s": wall,
+            "device_busy_fraction": device_us / 1e6 / wall,
+            "max_memory_gib": _max_memory() / 2**30,
+            "top_kernels_ms": {
+                e.key[:60]: round(getattr(e, "self_device_time_total", 0) / 1e3, 1)
+                for e in top[:12]
+            },
+        }
+        del actor
+    return result
 
 
 def sync_rollout(actor, hf: dict, args) -> dict:
@@ -444,6 +492,7 @@ def main(argv=None) -> int:
     parser.add_argument("--logprob-tokens", type=int, default=32768)
     parser.add_argument("--naive-tokens", type=int, default=8192)
     parser.add_argument("--rollout-tokens", type=int, default=128)
+    parser.add_argument("--profile-micro-batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--long-seq-len", type=int, default=32768)
     parser.add_argument("--long-recompute", default=None, choices=(None, "full", "selective"))
     parser.add_argument(
@@ -479,6 +528,7 @@ def main(argv=None) -> int:
         "logprob": logprob_memory,
         "actor": actor_step,
         "long": actor_long,
+        "profile": profile_actor,
     }
     failed = False
     for name, part in parts.items():

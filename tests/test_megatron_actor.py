@@ -264,3 +264,27 @@ def test_dynamic_batching_plan():
     assert [len(g) for g, _ in plan] == [1, 1, 2, 4]  # 44 | 30 | 17+12 | 9+8+5+3
     with pytest.raises(ValueError, match="exceeds max_tokens_per_micro_batch=48"):
         actor._plan_micro_batches(torch.tensor([10, 49]))  # 49 pads to 52 for CP = 2
+
+
+def _entropy_bonus_case(rank, world_size, coeff):
+    from megatron_fipo.algorithms.losses import PolicyLossConfig
+    from megatron_fipo.megatron.actor import MegatronActor
+
+    settings = ADAM
+    actor_cfg, optim_cfg = settings.actor_configs()
+    actor = MegatronActor(_hf(settings), ParallelConfig(), actor_cfg, optim_cfg)
+    batch = _batch_with_old(actor, settings)
+    batch.loss_config = PolicyLossConfig(entropy_coeff=coeff)
+    metrics = actor.train_step(batch)
+    return metrics, actor.compute_log_probs(fixed_batch(settings))
+
+
+def test_entropy_bonus_enters_the_loss(world1):
+    """algorithm.entropy_coeff (it was accepted and ignored before): the loss drops by exactly
+    coeff x the token-mean entropy, and the update changes."""
+    plain, after_plain = world1.run(_entropy_bonus_case, 0.0)[0]
+    bonus, after_bonus = world1.run(_entropy_bonus_case, 0.05)[0]
+    expected = plain["actor/loss"] - 0.05 * plain["actor/entropy_mean"]
+    assert abs(bonus["actor/loss"] - expected) < 1e-6
+    assert bonus["actor/entropy_mean"] == pytest.approx(plain["actor/entropy_mean"], abs=1e-9)
+    assert float((after_plain - after_bonus).abs().max()) > 1e-5

@@ -54,10 +54,15 @@ class PolicyLossConfig:
     """Clip the influence weight only from above (lower bound 1.0)."""
     safety_thresh: float = 10.0
     """Where A < 0 and the ratio exceeds this, f is clipped to [0.8, 1.0]."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus: the actor subtracts ``entropy_coeff`` x the token-mean entropy of the
+    response tokens (0 in the recipe; not part of :func:`compute_policy_loss`)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.entropy_coeff >= 0:
+            raise ValueError(f"entropy_coeff must be >= 0, got {self.entropy_coeff}")
         for name in ("clip_ratio_low", "clip_ratio_high", "decay_rate", "safety_thresh"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

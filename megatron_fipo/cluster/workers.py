@@ -63,6 +63,7 @@ class TrainWorker:
                 spec=config.model.spec,
                 fp8=config.model.fp8,
                 fp8_recipe=config.model.fp8_recipe,
+                fp8_param=config.model.fp8_param,
                 micro_batch_size=par.micro_batch_size,
                 max_tokens_per_micro_batch=par.max_tokens_per_micro_batch,
                 use_distributed_optimizer=par.use_distributed_optimizer,

@@ -56,6 +56,8 @@ class ActorConfig:
     """FP8 format with the TE spec: None, ``e4m3`` or ``hybrid``."""
     fp8_recipe: str = "delayed"
     """FP8 recipe: delayed / tensorwise / blockwise / mxfp8."""
+    fp8_param: bool = False
+    """Keep the TE weights themselves in FP8 (needs ``fp8``)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch (when ``max_tokens_per_micro_batch`` is None); every row is
     padded to the batch's longest sequence."""
@@ -90,6 +92,8 @@ class ActorConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.fp8_param and self.fp8 is None:
+            raise ValueError("fp8_param=True needs fp8 ('e4m3' or 'hybrid')")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError(
                 f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}"
@@ -190,6 +194,7 @@ class MegatronActor:
             spec=self.config.spec,
             fp8=self.config.fp8,
             fp8_recipe=self.config.fp8_recipe,
+            **({"fp8_param": True} if self.config.fp8_param else {}),
             recompute_granularity=self.config.recompute_granularity,
             recompute_method=self.config.recompute_method,
             recompute_num_layers=self.config.recompute_num_layers,
@@ -498,6 +503,10 @@ class MegatronActor:
             future_sum_fn=micro.get("future_sum_fn"),
             sequence_sum_fn=micro.get("sequence_sum_fn"),
         )
+        if loss_config.entropy_coeff:
+            # Entropy bonus, aggregated like the policy loss: sum over response tokens / the
+            # optimizer step's global token count.
+            loss = loss - loss_config.entropy_coeff * (entropy * mask).sum() / num_tokens
         stats["actor/entropy_sum"] = (entropy.detach().double() * mask).sum()
         stats["actor/entropy_count"] = mask.double().sum()
         stats["actor/loss_sum"] = loss.detach().double()

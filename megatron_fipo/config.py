@@ -254,8 +254,9 @@ class ParallelismConfig(_Section):
     """Interleaved pipeline chunks per stage (None: not interleaved)."""
     context_parallel_size: int = _num(1, ge=1)
     """CP: splits each sequence into 2*CP zigzag chunks across this many ranks."""
-    sequence_parallel: bool = False
-    """Shard norm / dropout activations along the sequence over the TP ranks."""
+    sequence_parallel: bool | None = None
+    """Shard norm / dropout activations along the sequence over the TP ranks (None: on with
+    model.spec "te" and TP > 1, off otherwise). Needs model.spec "te"."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state (and fp32 master weights) over the data-parallel ranks."""
     micro_batch_size: int = _num(1, ge=1)
@@ -567,10 +568,17 @@ class FipoConfig:
             f"by 2 * parallelism.context_parallel_size * tensor_model_parallel_size ({2 * cp * tp})",
         )
         limit = par.max_tokens_per_micro_batch
+        padded = -(-total // (2 * cp * tp)) * (2 * cp * tp)  # as the actor pads a row
         _require(
-            limit is None or limit >= total,
+            limit is None or limit >= padded,
             f"parallelism.max_tokens_per_micro_batch ({limit}) must hold one full sequence: "
-            f"rollout.max_prompt_length + max_response_length = {total}",
+            f"rollout.max_prompt_length + max_response_length = {total}, padded to {padded} "
+            f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size)",
+        )
+        _require(
+            not par.sequence_parallel or self.model.spec == "te",
+            "parallelism.sequence_parallel=true needs model.spec='te' (megatron-core's local "
+            "norms do not support sequence parallelism)",
         )
         buffer = self.algorithm.overlong_buffer
         _require(

@@ -266,6 +266,15 @@ RULES = [
     ),
     (
         TINY,
+        [
+            "parallelism.tensor_model_parallel_size=2",
+            "parallelism.sequence_parallel=true",
+            "trainer.cpu_ranks_per_node=2",
+        ],
+        r"parallelism\.sequence_parallel=true needs model\.spec='te'",
+    ),
+    (
+        TINY,
         ["parallelism.virtual_pipeline_model_parallel_size=2"],
         r"virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1",
     ),

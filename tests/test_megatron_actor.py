@@ -84,7 +84,15 @@ def _check(reference, result):
         (ParallelConfig(pipeline_parallel=2), TIED_SGD),
         (ParallelConfig(context_parallel=2), SGD),
     ],
-    ids=["tp2-sgd", "pp2-adam", "dp2-sgd", "dp2-adam-distopt", "tp2-tied", "pp2-tied", "cp2-sgd"],
+    ids=[
+        "tp2-sgd",
+        "pp2-adam",
+        "dp2-sgd",
+        "dp2-adam-distopt",
+        "tp2-tied",
+        "pp2-tied",
+        "cp2-sgd",
+    ],
 )
 def test_layout_matches_single_process(world2, references, parallel, settings):
     reference, directory = references(settings)

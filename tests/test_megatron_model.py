@@ -111,3 +111,23 @@ def test_cpu_compat_is_idempotent_and_redirects():
         [sys.executable, "-c", _CPU_COMPAT_SCRIPT], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_sequence_parallel_needs_the_te_spec():
+    from megatron_fipo.megatron.distributed import ParallelConfig
+    from megatron_fipo.megatron.model import transformer_config_from_hf
+
+    hf = dict(
+        model_type="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    parallel = ParallelConfig(tensor_parallel=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match="sequence_parallel=True needs spec='te'"):
+        transformer_config_from_hf(hf, parallel, spec="local")
+    with pytest.raises(ValueError, match="sequence_parallel needs tensor_parallel >= 2"):
+        ParallelConfig(sequence_parallel=True)

@@ -186,12 +186,15 @@ def activation_bytes(config: FipoConfig, arch: ArchitectureConfig) -> float:
     # hidden-sized ones (norm inputs, projections' inputs) split by TP only with sequence parallel.
     split = (hidden + 2 * kv) + hidden + 2 * ffn + ffn
     whole = 4 * hidden
-    per_token_layer = width * (split / tp + whole / (tp if par.sequence_parallel else 1))
+    sequence_parallel = par.sequence_parallel
+    if sequence_parallel is None:  # as the actor resolves it (model.transformer_config_from_hf)
+        sequence_parallel = model.spec == "te" and tp > 1
+    per_token_layer = width * (split / tp + whole / (tp if sequence_parallel else 1))
     full_layer = tokens_per_rank * per_token_layer
     layers = arch.num_hidden_layers // pp
     in_flight = pp if pp > 1 else 1
     if model.recompute_granularity == "full":
-        checkpoint = tokens_per_rank * width * hidden / (tp if par.sequence_parallel else 1)
+        checkpoint = tokens_per_rank * width * hidden / (tp if sequence_parallel else 1)
         return in_flight * layers * checkpoint + full_layer
     return in_flight * layers * full_layer
 

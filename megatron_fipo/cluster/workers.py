@@ -57,6 +57,7 @@ class TrainWorker:
                 pipeline_parallel=par.pipeline_model_parallel_size,
                 virtual_pipeline=par.virtual_pipeline_model_parallel_size,
                 context_parallel=par.context_parallel_size,
+                sequence_parallel=par.sequence_parallel,
             ),
             ActorConfig(
                 dtype=config.model.dtype,

@@ -33,6 +33,9 @@ class ParallelConfig:
     """Context-parallel size (splits each sequence into 2*CP zigzag chunks)."""
     data_parallel: int | None = None
     """Data-parallel size; None = whatever the world size leaves."""
+    sequence_parallel: bool | None = None
+    """Shard norm / dropout activations along the sequence over the TP ranks; None: on with
+    the TE spec and TP > 1 (Megatron's usual setting), off otherwise."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
@@ -42,6 +45,8 @@ class ParallelConfig:
             raise ValueError(f"virtual_pipeline must be >= 1 or None, got {self.virtual_pipeline}")
         if self.virtual_pipeline not in (None, 1) and self.pipeline_parallel < 2:
             raise ValueError("virtual_pipeline > 1 needs pipeline_parallel >= 2")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ValueError("sequence_parallel needs tensor_parallel >= 2")
         if self.data_parallel is not None and self.data_parallel < 1:
             raise ValueError(f"data_parallel must be >= 1, got {self.data_parallel}")
 

@@ -100,6 +100,11 @@ def transformer_config_from_hf(
     from megatron.core.transformer import TransformerConfig
 
     model_type = _model_type(hf_config)
+    if parallel.sequence_parallel and spec != "te":
+        raise ValueError(
+            "sequence_parallel=True needs spec='te': megatron-core's local (torch) norms do not "
+            "support sequence parallelism"
+        )
     if fp8 is not None and spec != "te":
         raise ValueError(f"fp8={fp8!r} needs spec='te' (TransformerEngine), got spec={spec!r}")
     num_heads = hf_value(hf_config, "num_attention_heads")
@@ -131,7 +136,11 @@ def transformer_config_from_hf(
         if parallel.virtual_pipeline not in (None, 1)
         else None,
         context_parallel_size=parallel.context_parallel,
-        sequence_parallel=spec == "te" and parallel.tensor_parallel > 1,
+        sequence_parallel=(
+            spec == "te" and parallel.tensor_parallel > 1
+            if parallel.sequence_parallel is None
+            else parallel.sequence_parallel
+        ),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

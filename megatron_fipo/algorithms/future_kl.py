@@ -19,10 +19,11 @@ entering each segment (:func:`add_right_carry`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
+
+from megatron_fipo.numerics import cuda_tf32
 
 BLOCK = 64
 
@@ -60,20 +61,6 @@ def _cached_matrix(
     diff = idx[:, None] - idx[None, :]
     power = torch.pow(torch.tensor(gamma, dtype=torch.float64), diff.clamp(min=0))
     return torch.where(diff >= 0, power, 0.0).to(device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _exact_matmul(device: torch.device):
-    """Keep fp32 matmuls in full fp32 on CUDA (TF32 would cost ~3 decimal digits)."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -116,7 +103,8 @@ def discounted_future_sum(
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if x.shape[1] == 0:
         return x.clone()
-    with _exact_matmul(x.device):
+    # Full fp32 on CUDA: TF32 would cost ~3 decimal digits of the decayed sums.
+    with cuda_tf32(False, active=x.is_cuda):
         out = _scan(x, gamma)
     if carry is not None:
         out = add_right_carry(out, carry, gamma)

@@ -17,10 +17,10 @@ vocab-parallel logits (tests and the memory benchmark compare the two).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
+
+from megatron_fipo.numerics import cuda_tf32
 
 DEFAULT_CHUNK_SIZE = 1024
 # Logit given to padded vocab columns: exp() underflows to exactly 0, and unlike -inf it
@@ -48,7 +48,6 @@ def _mask_padding(logits: torch.Tensor, vocab_size: int | None, group) -> torch.
     return logits
 
 
-@contextlib.contextmanager
 def tensor_core_fp32_matmul(like: torch.Tensor):
     """For bf16 / fp16 ``like`` on CUDA: let the fp32 vocab GEMMs below run on tensor cores
     (TF32) while inside. Their inputs are upcast bf16 / fp16 values, which TF32's 10-bit
@@ -56,15 +55,7 @@ def tensor_core_fp32_matmul(like: torch.Tensor):
     only the backward's fp32 logit gradients are rounded to TF32. Without it these GEMMs run on
     the CUDA cores: a profile on an H200 (``tools/bench/gpu_check.py``, part ``profile``) put
     them at ~0.8 s of a 1.3 s step of a 1B model. No effect on CPU or for fp32 models."""
-    if not (like.is_cuda and like.dtype in (torch.bfloat16, torch.float16)):
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    return cuda_tf32(True, active=like.is_cuda and like.dtype in (torch.bfloat16, torch.float16))
 
 
 def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, group) -> tuple:

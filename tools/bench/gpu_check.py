@@ -482,6 +482,19 @@ def cp_scan_check(args) -> dict:
     return result
 
 
+PARTS = {
+    "cp_scan": cp_scan_check,
+    "attention": attention_check,
+    "model_attention": model_attention_check,
+    "future_kl": future_kl_cuda,
+    "logprob": logprob_memory,
+    "actor": actor_step,
+    "long": actor_long,
+    "profile": profile_actor,
+}
+"""The parts, in the order they run (``--skip`` names any of them)."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-layers", type=int, default=16)
@@ -499,15 +512,7 @@ def main(argv=None) -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=(
-            "actor",
-            "logprob",
-            "cp_scan",
-            "future_kl",
-            "long",
-            "attention",
-            "model_attention",
-        ),
+        choices=tuple(PARTS),
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script")
     args = parser.parse_args(argv)
@@ -520,18 +525,8 @@ def main(argv=None) -> int:
         return 1
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     print(json.dumps({"device": name, "torch": torch.__version__}))
-    parts = {
-        "cp_scan": cp_scan_check,
-        "attention": attention_check,
-        "model_attention": model_attention_check,
-        "future_kl": future_kl_cuda,
-        "logprob": logprob_memory,
-        "actor": actor_step,
-        "long": actor_long,
-        "profile": profile_actor,
-    }
     failed = False
-    for name, part in parts.items():
+    for name, part in PARTS.items():
         if name in args.skip:
             continue
         start = time.perf_counter()

@@ -27,29 +27,18 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_fipo.megatron.distributed import free_port, set_local_world_env
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        OMP_NUM_THREADS="1",
-    )
+    set_local_world_env(rank, world_size, port)
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
 
@@ -78,7 +67,7 @@ class WorkerWorld:
         context = mp.get_context("spawn")
         self._results = context.Queue()
         self._tasks = [context.Queue() for _ in range(world_size)]
-        port = _free_port()
+        port = free_port()
         self._processes = [
             context.Process(
                 target=_worker,

@@ -35,7 +35,6 @@ import datetime
 import functools
 import math
 import os
-import socket
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -421,13 +420,9 @@ def _world_rank(rank: int, world_size: int, port: int, config: AblationConfig, r
     """Body of one spawned process: the CP-scan and actor rows of a world of ``world_size``."""
     import torch.distributed as dist
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    from megatron_fipo.megatron.distributed import set_local_world_env
+
+    set_local_world_env(rank, world_size, port)
     # The ranks share the machine's cores; more threads each would only oversubscribe them.
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
     # A bounded wait: a rank that never joins a collective ends the world instead of hanging.
@@ -448,21 +443,17 @@ def _world_rank(rank: int, world_size: int, port: int, config: AblationConfig, r
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_world(config: AblationConfig, world_size: int) -> list[Measurement]:
     """Runs :func:`_world_rank` in ``world_size`` fresh gloo processes; rank 0's rows."""
     import torch.multiprocessing as mp
+
+    from megatron_fipo.megatron.distributed import free_port
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     mp.start_processes(
         _world_rank,
-        args=(world_size, _free_port(), config, results),
+        args=(world_size, free_port(), config, results),
         nprocs=world_size,
         start_method="spawn",
     )

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.algorithms.losses import PolicyLossConfig
-from megatron_fipo.megatron.distributed import ParallelConfig
+from megatron_fipo.megatron.distributed import ParallelConfig, free_port, set_local_world_env
 
 
 def tiny_hf_config(
@@ -188,10 +188,7 @@ TOLERANCES = {"log_probs": 1e-5, "loss": 1e-5, "grad_norm_rel": 1e-5, "params": 
 
 
 def _spawned_rank(rank, world_size, port, parallel, settings, checkpoint_dir, reference, results):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
-    os.environ.setdefault("LOCAL_RANK", str(rank))
+    set_local_world_env(rank, world_size, port)
     torch.set_num_threads(1)
     try:
         out = run_layout(parallel, settings, checkpoint_dir, reference)
@@ -209,13 +206,9 @@ def _spawned_rank(rank, world_size, port, parallel, settings, checkpoint_dir, re
 
 def spawn_run(world_size: int, parallel, settings, checkpoint_dir: str, reference: bool) -> dict:
     """Runs :func:`run_layout` in ``world_size`` fresh processes; rank 0's result."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     args = (world_size, port, parallel, settings, checkpoint_dir, reference, results)

@@ -81,19 +81,32 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # A lone process (single-rank runs, notebooks): a world of one on a local port.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def set_local_world_env(rank: int, world_size: int, port: int) -> None:
+    """The torch.distributed environment of rank ``rank`` in a one-machine world of
+    ``world_size`` processes rendezvousing on loopback ``port`` (spawned test / bench ranks)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
 
 
 def init_distributed(

@@ -16,8 +16,6 @@ Usage: python tools/bench/cp_scan.py [--cp 2 4] [--batch 8] [--length 32768] [--
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -26,6 +24,7 @@ import torch.multiprocessing as mp
 from megatron_fipo.algorithms.future_kl import discounted_future_sum
 from megatron_fipo.megatron.context_parallel import build_layout, local_to_global, split_to_local
 from megatron_fipo.megatron.cp_scan import ChunkIndex, cp_future_sum, exchange_bytes
+from megatron_fipo.megatron.distributed import free_port, set_local_world_env
 from tools.bench.timing import slowest_rank_best_time
 
 GAMMA = 2.0 ** (-1.0 / 32)
@@ -41,9 +40,9 @@ def gather_then_scan(x_local, layout, gamma):
 
 
 def _rank_main(rank, cp_size, port, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_local_world_env(rank, cp_size, port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=cp_size)
+    dist.init_process_group("gloo")
     layout = build_layout([args.length] * args.batch, cp_size, rank, packed=False)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(args.batch, args.length, generator=torch.Generator().manual_seed(0))
@@ -63,16 +62,10 @@ def _rank_main(rank, cp_size, port, args, results) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(cp_size: int, args) -> tuple:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, cp_size, port, args, results))
         for r in range(cp_size)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from checkpoint_convert.adapters import adapter_for
+from megatron_fipo.megatron.distributed import free_port, set_local_world_env
 from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
 from tools.bench.timing import slowest_rank_best_time
 
@@ -76,9 +75,9 @@ def build_shards(tp_rank: int, dtype: torch.dtype) -> list[Shard]:
 
 
 def _rank_main(rank: int, port: int, args, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_local_world_env(rank, TP, port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
+    dist.init_process_group("gloo")
     dtype = getattr(torch, args.dtype)
     shards = build_shards(rank, dtype)
     world = dist.group.WORLD
@@ -145,9 +144,7 @@ def main() -> None:
         "--reuse-buffers", action="store_true", help="WeightSyncConfig.reuse_buffers"
     )
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = [

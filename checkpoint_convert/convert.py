@@ -152,7 +152,9 @@ def _layer_name(spec: MegatronTensorSpec, layer: int) -> str:
     return spec.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
 
 
-def _plan_chunks(adapter: Adapter, reader: SafetensorsReader, bar: tqdm) -> list[ChunkWrite]:
+def _plan_chunks(
+    adapter: Adapter, reader: SafetensorsReader, dtype: torch.dtype, bar: tqdm
+) -> list[ChunkWrite]:
     """One ChunkWrite per (tensor, layer), layer-major so HF shards are read mostly in order.
 
     A chunk's data is its row pieces (``Adapter.row_pieces``: the layout
@@ -172,20 +174,18 @@ def _plan_chunks(adapter: Adapter, reader: SafetensorsReader, bar: tqdm) -> list
         return resolve
 
     def chunk(spec: MegatronTensorSpec, layer: int | None) -> ChunkWrite:
-        dtype = reader.tensors[adapter.hf_sources(_spec_name(spec, layer))[0]].dtype
-        row_bytes = math.prod(spec.shape[1:]) * dtype.itemsize
-        if layer is None:
-            return ChunkWrite(
-                spec.key, spec.shape, (0,) * len(spec.shape), spec.shape, dtype,
-                ranges(spec.key, row_bytes),
-            )  # fmt: skip
+        """The whole tensor (``layer`` None) or layer ``layer`` of the stacked ``[L, ...]``."""
+        stack = () if layer is None else (adapter.dims.num_layers,)
+        at = () if layer is None else (layer,)
+        one = () if layer is None else (1,)
+        name = spec.key if layer is None else _layer_name(spec, layer)
         return ChunkWrite(
             spec.key,
-            (adapter.dims.num_layers, *spec.shape),
-            (layer,) + (0,) * len(spec.shape),
-            (1, *spec.shape),
+            (*stack, *spec.shape),
+            (*at, *(0,) * len(spec.shape)),
+            (*one, *spec.shape),
             dtype,
-            ranges(_layer_name(spec, layer), row_bytes),
+            ranges(name, math.prod(spec.shape[1:]) * dtype.itemsize),
         )
 
     specs = adapter.megatron_specs()
@@ -195,10 +195,6 @@ def _plan_chunks(adapter: Adapter, reader: SafetensorsReader, bar: tqdm) -> list
         chunks += [chunk(s, layer) for s in specs if s.per_layer]
     chunks += [chunk(s, None) for s in ends if s.key != EMBEDDING]
     return chunks
-
-
-def _spec_name(spec: MegatronTensorSpec, layer: int | None) -> str:
-    return spec.key if layer is None else _layer_name(spec, layer)
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -239,7 +235,9 @@ def hf_to_megatron(
                 for layer in range(layers)
                 for module in EXTRA_STATE_MODULES
             ]
-            write_dist_checkpoint(staging, _plan_chunks(adapter, reader, bar), objects, common={})
+            write_dist_checkpoint(
+                staging, _plan_chunks(adapter, reader, dtype, bar), objects, common={}
+            )
             _copy_side_files(hf_dir, staging / HF_CONFIG_DIR)
             shutil.copy2(hf_dir / "config.json", staging / ROOT_CONFIG)
             info = {

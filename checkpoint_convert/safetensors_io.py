@@ -242,23 +242,6 @@ class SafetensorsReader:
         row_bytes = info.nbytes // info.shape[0]
         return fd, info.start + row_start * row_bytes, num_rows * row_bytes
 
-    def read_rows(self, name: str, row_start: int, out: torch.Tensor) -> None:
-        """Read rows ``[row_start, row_start + len(out))`` of tensor ``name`` straight into
-        ``out`` (contiguous, same dtype and row shape): no intermediate copy."""
-        info, fd = self._info_fd(name)
-        if (
-            out.dtype != info.dtype
-            or tuple(out.shape[1:]) != info.shape[1:]
-            or not out.is_contiguous()
-        ):
-            raise ConversionError(
-                f"{name}: cannot read {info.dtype} {info.shape} rows into {out.dtype} {tuple(out.shape)}"
-            )
-        row_bytes = info.nbytes // info.shape[0]
-        if row_start + out.shape[0] > info.shape[0]:
-            raise ConversionError(f"{name}: rows {row_start}+{out.shape[0]} beyond {info.shape[0]}")
-        _read_into(fd, tensor_bytes(out), info.start + row_start * row_bytes)
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

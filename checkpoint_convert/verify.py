@@ -139,10 +139,9 @@ def verify_in_process(config: VerifyConfig) -> VerifyResult:
 
 
 def _worker(rank: int, world_size: int, port: int, config: VerifyConfig, result_path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
     from megatron_fipo.megatron import distributed as dist_lib
+
+    dist_lib.set_local_world_env(rank, world_size, port)
 
     result = verify_in_process(config)
     if rank == 0:
@@ -154,7 +153,7 @@ def verify(config: VerifyConfig) -> VerifyResult:
     """Spawn ``tp * pp`` gloo processes on this machine and return the comparison."""
     import torch.multiprocessing as mp
 
-    from megatron_fipo.megatron.distributed import _free_port
+    from megatron_fipo.megatron.distributed import free_port
 
     for path in (config.hf_dir, config.megatron_dir):
         if not Path(path).is_dir():
@@ -162,5 +161,5 @@ def verify(config: VerifyConfig) -> VerifyResult:
     world_size = config.tensor_parallel * config.pipeline_parallel
     with tempfile.TemporaryDirectory() as scratch:
         result_path = os.path.join(scratch, "result.json")
-        mp.spawn(_worker, args=(world_size, _free_port(), config, result_path), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, free_port(), config, result_path), nprocs=world_size)
         return VerifyResult(**json.loads(Path(result_path).read_text()))

@@ -256,13 +256,11 @@ def test_dynamic_batching_matches_fixed_micro_batches(world1, world2, references
 
 def test_dynamic_batching_plan():
     """Every row exactly once, longest first, within the budget; a row over it is named."""
-    from megatron_fipo.megatron.actor import ActorConfig, MegatronActor
+    from megatron_fipo.megatron.actor import ActorConfig, plan_micro_batches
 
-    actor = MegatronActor.__new__(MegatronActor)  # the planner needs only the two configs
-    actor.parallel = ParallelConfig(context_parallel=2)
-    actor.config = ActorConfig(max_tokens_per_micro_batch=48)
+    config = ActorConfig(max_tokens_per_micro_batch=48)
     lengths = torch.tensor([5, 30, 9, 17, 3, 12, 44, 8])
-    plan = actor._plan_micro_batches(lengths)
+    plan = plan_micro_batches(lengths, config, cp=2, tp=1)
     rows = torch.cat([r for r, _ in plan])
     assert sorted(rows.tolist()) == list(range(8))
     assert lengths[rows].tolist() == sorted(lengths.tolist(), reverse=True)
@@ -271,7 +269,7 @@ def test_dynamic_batching_plan():
         assert len(group) * common <= 48
     assert [len(g) for g, _ in plan] == [1, 1, 2, 4]  # 44 | 30 | 17+12 | 9+8+5+3
     with pytest.raises(ValueError, match="exceeds max_tokens_per_micro_batch=48"):
-        actor._plan_micro_batches(torch.tensor([10, 49]))  # 49 pads to 52 for CP = 2
+        plan_micro_batches(torch.tensor([10, 49]), config, cp=2, tp=1)  # 49 pads to 52 for CP = 2
 
 
 def _entropy_bonus_case(rank, world_size, coeff):

@@ -98,9 +98,9 @@ class ActorConfig:
             raise ValueError(
                 f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}"
             )
-        if self.optimizer_checkpoint_format not in ("dp_reshardable", "fully_reshardable"):
+        if self.optimizer_checkpoint_format not in checkpoint.OPTIMIZER_FORMATS:
             raise ValueError(
-                "optimizer_checkpoint_format must be 'dp_reshardable' or 'fully_reshardable', "
+                f"optimizer_checkpoint_format must be one of {checkpoint.OPTIMIZER_FORMATS}, "
                 f"got {self.optimizer_checkpoint_format!r}"
             )
         if self.recompute_granularity not in (None, "full", "selective"):
@@ -194,7 +194,7 @@ class MegatronActor:
             spec=self.config.spec,
             fp8=self.config.fp8,
             fp8_recipe=self.config.fp8_recipe,
-            **({"fp8_param": True} if self.config.fp8_param else {}),
+            fp8_param=self.config.fp8_param,
             recompute_granularity=self.config.recompute_granularity,
             recompute_method=self.config.recompute_method,
             recompute_num_layers=self.config.recompute_num_layers,
@@ -295,44 +295,17 @@ class MegatronActor:
             batch, 1 if dynamic else self.config.micro_batch_size, with_training_data
         )
         micro_batches = []
-        for rows, common in self._plan_micro_batches(padded["lengths"]):
+        plan = plan_micro_batches(
+            padded["lengths"],
+            self.config,
+            self.parallel.context_parallel,
+            self.parallel.tensor_parallel,
+        )
+        for rows, common in plan:
             micro = self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
             micro["rows"] = rows
             micro_batches.append(micro)
         return micro_batches
-
-    def _plan_micro_batches(self, lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """``(row indices, padded length)`` per micro-batch.
-
-        Fixed size: consecutive rows, every one padded to the batch's longest sequence (one
-        shape for the whole schedule). Dynamic (``max_tokens_per_micro_batch``): rows sorted
-        longest first, a micro-batch takes the next row while rows x its first (longest) row's
-        padded length stays within the budget; each micro-batch has its own length (pipeline
-        stages then exchange shapes, ``variable_seq_lengths``).
-        """
-        cp, tp = self.parallel.context_parallel, self.parallel.tensor_parallel
-        budget = self.config.max_tokens_per_micro_batch
-        if budget is None:
-            common = context_parallel.padded_length(int(lengths.max()), cp, tp)
-            size = self.config.micro_batch_size
-            return [
-                (torch.arange(start, min(start + size, len(lengths))), common)
-                for start in range(0, len(lengths), size)
-            ]
-        order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
-        plan: list[tuple[list[int], int]] = []
-        for row in order:
-            length = context_parallel.padded_length(int(lengths[row]), cp, tp)
-            if length > budget:
-                raise ValueError(
-                    f"a sequence of {int(lengths[row])} tokens (padded to {length} for CP={cp}, "
-                    f"TP={tp}) exceeds max_tokens_per_micro_batch={budget}"
-                )
-            if plan and (len(plan[-1][0]) + 1) * plan[-1][1] <= budget:
-                plan[-1][0].append(row)
-            else:
-                plan.append(([row], length))
-        return [(torch.tensor(rows), common) for rows, common in plan]
 
     def _micro_batch(self, padded, rows, common, cp_rank, cp_group, with_training_data) -> dict:
         lengths = padded["lengths"][rows]
@@ -565,6 +538,42 @@ def _finalize_grads(model, num_tokens=None, **kwargs) -> None:
 
 
 # -------------------------------------------------------------------- batch layout helpers
+def plan_micro_batches(
+    lengths: torch.Tensor, config: ActorConfig, cp: int, tp: int
+) -> list[tuple[torch.Tensor, int]]:
+    """``(row indices, padded length)`` per micro-batch of rows of ``lengths`` (CP / TP sizes
+    ``cp`` / ``tp``: rows are padded to multiples of ``2 * cp * tp``).
+
+    Fixed size: consecutive rows, every one padded to the batch's longest sequence (one
+    shape for the whole schedule). Dynamic (``max_tokens_per_micro_batch``): rows sorted
+    longest first, a micro-batch takes the next row while rows x its first (longest) row's
+    padded length stays within the budget; each micro-batch has its own length (pipeline
+    stages then exchange shapes, ``variable_seq_lengths``).
+    """
+    budget = config.max_tokens_per_micro_batch
+    if budget is None:
+        common = context_parallel.padded_length(int(lengths.max()), cp, tp)
+        size = config.micro_batch_size
+        return [
+            (torch.arange(start, min(start + size, len(lengths))), common)
+            for start in range(0, len(lengths), size)
+        ]
+    order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
+    plan: list[tuple[list[int], int]] = []
+    for row in order:
+        length = context_parallel.padded_length(int(lengths[row]), cp, tp)
+        if length > budget:
+            raise ValueError(
+                f"a sequence of {int(lengths[row])} tokens (padded to {length} for CP={cp}, "
+                f"TP={tp}) exceeds max_tokens_per_micro_batch={budget}"
+            )
+        if plan and (len(plan[-1][0]) + 1) * plan[-1][1] <= budget:
+            plan[-1][0].append(row)
+        else:
+            plan.append(([row], length))
+    return [(torch.tensor(rows), common) for rows, common in plan]
+
+
 def _variable_shapes(config: ActorConfig, parallel: ParallelConfig) -> dict[str, Any]:
     """Dynamic batching gives micro-batches of different shapes: pipeline stages then exchange
     them (megatron-core refuses that unless the MoE dispatcher, unused by dense models, is

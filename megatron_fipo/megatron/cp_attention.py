@@ -134,12 +134,7 @@ def masked_attention(
     Returns:
         ``[s, b, n * d]`` in ``query``'s dtype.
     """
-    num_heads, num_groups = query.shape[2], key.shape[2]
-    if num_heads % num_groups:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} groups")
-    if num_heads != num_groups:  # GQA: each key/value group serves num_heads/num_groups heads
-        key = key.repeat_interleave(num_heads // num_groups, dim=2)
-        value = value.repeat_interleave(num_heads // num_groups, dim=2)
+    key, value = _expand_groups(query, key, value)
     compute = torch.promote_types(query.dtype, torch.float32)
     q = query.permute(1, 2, 0, 3).to(compute)  # [b, n, s, d]
     k = key.permute(1, 2, 3, 0).to(compute)  # [b, n, d, S]
@@ -149,8 +144,23 @@ def masked_attention(
     probs = torch.softmax(scores, dim=-1)
     if dropout is not None:
         probs = dropout(probs)
-    context = torch.matmul(probs, v).to(query.dtype)  # [b, n, s, d]
-    seq, batch = query.shape[0], query.shape[1]
+    return _merge_heads(torch.matmul(probs, v).to(query.dtype))
+
+
+def _expand_groups(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """GQA: repeat each key / value group for the ``num_heads / num_groups`` heads it serves."""
+    num_heads, num_groups = query.shape[2], key.shape[2]
+    if num_heads % num_groups:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} groups")
+    if num_heads == num_groups:
+        return key, value
+    repeats = num_heads // num_groups
+    return key.repeat_interleave(repeats, dim=2), value.repeat_interleave(repeats, dim=2)
+
+
+def _merge_heads(context: Tensor) -> Tensor:
+    """``[b, n, s, d]`` -> ``[s, b, n * d]``."""
+    batch, _, seq, _ = context.shape
     return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
@@ -166,12 +176,7 @@ def fused_attention(
     ``allowed=None`` means plain causal attention of ``s`` queries over ``S == s`` keys, which
     selects the flash kernel on CUDA.
     """
-    num_heads, num_groups = query.shape[2], key.shape[2]
-    if num_heads % num_groups:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} groups")
-    if num_heads != num_groups:
-        key = key.repeat_interleave(num_heads // num_groups, dim=2)
-        value = value.repeat_interleave(num_heads // num_groups, dim=2)
+    key, value = _expand_groups(query, key, value)
     q = query.permute(1, 2, 0, 3)  # [b, n, s, d]
     k = key.permute(1, 2, 0, 3)  # [b, n, S, d]
     v = value.permute(1, 2, 0, 3)
@@ -185,8 +190,7 @@ def fused_attention(
         context = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=softmax_scale
         )
-    seq, batch = query.shape[0], query.shape[1]
-    return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+    return _merge_heads(context)
 
 
 class ContextParallelAttention(MegatronModule):

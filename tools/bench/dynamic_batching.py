@@ -46,7 +46,12 @@ def long_tailed_batch(count: int, max_length: int, vocab: int, seed: int = 0):
 
 
 def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
+    from megatron_fipo.megatron.actor import (
+        ActorConfig,
+        ActorOptimizerConfig,
+        MegatronActor,
+        plan_micro_batches,
+    )
     from megatron_fipo.megatron.distributed import ParallelConfig
 
     actor = MegatronActor(
@@ -63,7 +68,9 @@ def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
             for name, p in params.items():
                 p.copy_(state[name])
         actor.optimizer.reload_model_params()
-    plan = actor._plan_micro_batches(batch.prompt_lengths + batch.response_lengths)
+    plan = plan_micro_batches(
+        batch.prompt_lengths + batch.response_lengths, actor.config, cp=1, tp=1
+    )
     padded_tokens = sum(len(rows) * common for rows, common in plan)
     start = time.perf_counter()
     log_probs = actor.compute_log_probs(batch)

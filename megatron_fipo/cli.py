@@ -1,4 +1,15 @@
-"""Console entry points: ``fipo-train --config FILE [key.sub=value ...] [--dry-run] [--resume R]``."""
+"""Console entry points: ``fipo-train --config FILE [key.sub=value ...] [--dry-run] [--resume R]``.
+
+A run goes through three stages:
+
+1. checks that need no Ray, in seconds: the config, the model checkpoint against it, the output
+   directory (writable, not used by another run: an exclusive lock), the checkpoint to resume
+   from (complete, files of the sizes its manifest says), the data, the reward function and the
+   initial checkpoint. A user mistake found here is one line on stderr and exit status 2;
+2. ``config.yaml`` is written (only now: a refused run changes nothing in the directory);
+3. Ray, the workers and the loop. SIGTERM / SIGINT end the current step, save a checkpoint and
+   exit 0 with a message; a second signal stops at once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_fipo.config import ConfigError, load_config, save_config
+from megatron_fipo.config import ConfigError, load_config, to_yaml
+
+# Exceptions that mean "your input is wrong", reported as one line before Ray starts. Anything
+# else is a bug (or a failure inside the run) and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from checkpoint_convert.adapters import ConversionError
+    from megatron_fipo.run_state import CheckpointError, RunDirError
+
+    return (*USER_ERRORS, RunDirError, CheckpointError, ConversionError)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -40,21 +62,70 @@ def train_main(argv: list[str] | None = None) -> int:
             report, _ = describe(config)
             print(f"{args.config}\n{report}\nlayout OK")
             return 0
-    except (ConfigError, ValueError) as error:
-        print(f"fipo-train: {error}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"fipo-train: {_one_line(error)}", file=sys.stderr)
         return 2
-    from megatron_fipo.components import build_components
+    return _train(config, quiet=args.quiet)
+
+
+def _train(config, quiet: bool) -> int:
+    from megatron_fipo.components import build_components, prepare_inputs
+    from megatron_fipo.run_state import RunLock, select_checkpoint, write_run_config
     from megatron_fipo.trainer import Trainer
 
     output = Path(config.trainer.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "config.yaml")
-    parts = build_components(config, quiet=args.quiet)
+    lock = RunLock(output)
+    inputs = None
     try:
-        Trainer(config, parts).fit()
+        check_model = _check_model_checkpoint()
+        check_model(config)
+        lock.acquire()
+        # Sizes only here (cheap); the training ranks hash the contents when they load.
+        select_checkpoint(output, config.trainer.resume, report=_say)
+        inputs = prepare_inputs(config)
+    except _user_errors() as error:
+        if inputs is not None:
+            inputs.reward.close()
+        lock.release()
+        print(f"fipo-train: {_one_line(error)}", file=sys.stderr)
+        return 2
+    try:
+        kept = write_run_config(output, to_yaml(config))
+        if kept is not None:
+            _say(f"the previous config.yaml differs from this run's: kept as {kept.name}")
+        parts = build_components(config, inputs, quiet=quiet)
+        try:
+            trainer = Trainer(config, parts)
+            trainer.fit()
+        finally:
+            parts.close()
     finally:
-        parts.close()
+        lock.release()
+    if trainer.stop.requested:
+        _say(
+            f"stopped by {trainer.stop.signal_name} after step {trainer.step}; checkpoint "
+            f"step_{trainer.step:06d} saved in {output / 'checkpoints'}; continue with "
+            "--resume auto"
+        )
     return 0
+
+
+def _check_model_checkpoint():
+    """The config-vs-checkpoint check (architecture, positions), when this version has it."""
+    from megatron_fipo import config as config_module
+
+    return getattr(config_module, "check_model_checkpoint", lambda config: None)
+
+
+def _say(message: str) -> None:
+    print(f"fipo-train: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of a user error (an OSError as "reason: path"), without a traceback."""
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    return (str(error) or type(error).__name__).strip()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""Builds what the loop drives from a :class:`FipoConfig`: Ray placement, the Megatron training
-ranks, the rollout engines, the reward pool, the tokenizer and the prompt data.
+"""Builds what the loop drives from a :class:`FipoConfig`, in two stages:
+
+1. :func:`prepare_inputs` (no Ray): the tokenizer, the prompt data, the reward pool and the
+   initial Megatron checkpoint. Every user mistake these can reveal (a missing file, a malformed
+   dataset, a reward path that does not import, a checkpoint the converter refuses) surfaces
+   here, in seconds, before anything is placed;
+2. :func:`build_components`: Ray placement, the Megatron training ranks, the rollout engines.
 
 ``RunComponents`` is also the loop's narrow interface to them: ``generate`` spreads requests over
 the engine actors, ``score`` decodes responses and runs the reward pool, ``put`` shares one
-batch with every training rank through the Ray object store.
+batch with every training rank through the Ray object store, ``digest_files`` hashes checkpoint
+files on the training ranks.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ from megatron_fipo.data.prompts import load_from_config
 from megatron_fipo.data.sampler import PromptDataLoader
 from megatron_fipo.data.templates import load_tokenizer, tokenize_prompts
 from megatron_fipo.rollout.engine import GenerationRequest, GenerationSample
+from megatron_fipo.run_state import FileDigest
 
 
 @dataclass(kw_only=True)
@@ -36,6 +44,17 @@ class RunComponents:
     reward: Any
     stop_token_ids: tuple[int, ...]
     quiet: bool = False
+
+    def digest_files(self, root: Path, names: Sequence[str]) -> dict[str, FileDigest]:
+        """Size and sha256 (and fsync) of ``root/name`` for every name, shared round-robin over
+        the training ranks (they see the checkpoint directory: one machine, or a shared file
+        system across nodes)."""
+        count = self.workers.num_workers
+        shares = [(str(root), list(names[rank::count])) for rank in range(count)]
+        merged: dict[str, FileDigest] = {}
+        for part in self.workers.run_each("digest_files", shares):
+            merged.update(part)
+        return merged
 
     def put(self, value: Any) -> Any:
         import ray
@@ -81,12 +100,25 @@ class RunComponents:
             group.kill()
 
 
+@dataclass(kw_only=True)
+class RunInputs:
+    """What :func:`prepare_inputs` makes before Ray starts."""
+
+    tokenizer: Any
+    train_loader: PromptDataLoader
+    eval_prompts: list
+    reward: Any
+    stop_token_ids: tuple[int, ...]
+    init_checkpoint: str | None
+
+
 def _prompts(config: FipoConfig, tokenizer: Any, split: str) -> list:
     report = load_from_config(config.data, split)
     if report.malformed:
+        more = f" (and {len(report.malformed) - 1} more)" if len(report.malformed) > 1 else ""
         print(
-            f"data: skipped {len(report.malformed)} malformed {split} rows, first: "
-            f"{report.malformed[0]}",
+            f"data: skipped {len(report.malformed)} malformed {split} rows "
+            f"(data.on_malformed_row=skip): {report.malformed[0]}{more}",
             file=sys.stderr,
         )
     kept, too_long = tokenize_prompts(
@@ -106,22 +138,19 @@ def _prompts(config: FipoConfig, tokenizer: Any, split: str) -> list:
 
 def initial_checkpoint(config: FipoConfig) -> str | None:
     """The Megatron checkpoint the actor starts from: the configured one, or the HF checkpoint
-    converted (streaming) into ``<output_dir>/init_megatron`` once."""
+    converted into ``<output_dir>/init_megatron/<fingerprint of its contents>``."""
     if config.model.megatron_checkpoint_path:
         return config.model.megatron_checkpoint_path
     if not config.model.hf_model_path:
         return None
-    from checkpoint_convert.convert import hf_to_megatron
+    from megatron_fipo.init_checkpoint import converted_initial_checkpoint
 
-    target = Path(config.trainer.output_dir) / "init_megatron"
-    if not target.is_dir():
-        hf_to_megatron(Path(config.model.hf_model_path), target, progress=False)
-    return str(target)
+    return str(converted_initial_checkpoint(config.model.hf_model_path, config.trainer.output_dir))
 
 
-def build_components(config: FipoConfig, *, quiet: bool = False) -> RunComponents:
-    from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
-    from megatron_fipo.cluster.placement import create_placement, plan_placement
+def prepare_inputs(config: FipoConfig) -> RunInputs:
+    """Tokenizer, prompts, reward pool and initial checkpoint: everything that reads user input,
+    so its errors come before Ray starts (the caller closes ``reward`` on failure later)."""
     from megatron_fipo.rewards import build_reward
 
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.hf_model_path)
@@ -133,6 +162,24 @@ def build_components(config: FipoConfig, *, quiet: bool = False) -> RunComponent
         train, data.gen_batch_size or data.train_batch_size, shuffle=data.shuffle, seed=data.seed
     )
     eval_prompts = _prompts(config, tokenizer, "eval") if data.eval_files else []
+    init = initial_checkpoint(config)
+    return RunInputs(
+        tokenizer=tokenizer,
+        train_loader=loader,
+        eval_prompts=eval_prompts,
+        reward=build_reward(config.reward),
+        stop_token_ids=tuple(i for i in (tokenizer.eos_token_id,) if i is not None),
+        init_checkpoint=init,
+    )
+
+
+def build_components(
+    config: FipoConfig, inputs: RunInputs, *, quiet: bool = False
+) -> RunComponents:
+    """Start Ray, place the training ranks and engines, and bundle them with ``inputs``."""
+    from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
+    from megatron_fipo.cluster.placement import create_placement, plan_placement
+
     plan = plan_placement(config)
     use_gpu = plan.use_gpu
     init_ray(num_cpus=None if use_gpu else int(config.trainer.cpus_per_node or 2))
@@ -141,7 +188,7 @@ def build_components(config: FipoConfig, *, quiet: bool = False) -> RunComponent
     workers = RayActorGroup.training(
         TrainWorker,
         placement,
-        worker_args=(config, initial_checkpoint(config)),
+        worker_args=(config, inputs.init_checkpoint),
         backend=config.trainer.distributed_backend,
         env=threads,
         name="train",
@@ -152,13 +199,13 @@ def build_components(config: FipoConfig, *, quiet: bool = False) -> RunComponent
     )
     return RunComponents(
         config=config,
-        tokenizer=tokenizer,
-        train_loader=loader,
-        eval_prompts=eval_prompts,
+        tokenizer=inputs.tokenizer,
+        train_loader=inputs.train_loader,
+        eval_prompts=inputs.eval_prompts,
         workers=workers,
         engines=engines,
         remote_engines=RemoteEngines(engines.actors, config.rollout.weight_sync_bucket_bytes),
-        reward=build_reward(config.reward),
-        stop_token_ids=tuple(i for i in (tokenizer.eos_token_id,) if i is not None),
+        reward=inputs.reward,
+        stop_token_ids=inputs.stop_token_ids,
         quiet=quiet,
     )

@@ -501,9 +501,13 @@ class LoggingConfig(_Section):
     tensorboard: bool = True
     """Write TensorBoard event files."""
     wandb_project: str | None = None
-    """Log to this wandb project (None: no wandb)."""
+    """Log to this Weights & Biases project (None: no W&B); needs ``pip install wandb``."""
+    wandb_entity: str | None = None
+    """W&B team or user (None: your default entity)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """"offline": no network, the run is written under ``<output_dir>/wandb`` for ``wandb sync``."""
     progress_bar: bool = True
-    """Show progress bars for the generation and training phases."""
+    """Show a progress bar over the steps (only when stderr is a terminal)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Placement (Ray), engines, rewards and bookkeeping live in the components this mo
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -27,15 +28,18 @@ import torch
 from tqdm import tqdm
 
 from megatron_fipo.algorithms import advantages as adv_lib
-from megatron_fipo.config import FipoConfig, to_dict
+from megatron_fipo.config import FipoConfig, to_dict, to_yaml
 from megatron_fipo.data.sampler import GroupBuffer
+from megatron_fipo.metrics_log import MetricsLogger
 from megatron_fipo.rollout.engine import GenerationRequest, GenerationSample, SamplingParams
 from megatron_fipo.run_state import (
-    MetricsLogger,
+    StopRequest,
+    atomic_write_text,
     begin_checkpoint,
     finish_checkpoint,
-    latest_checkpoint,
     rng_state,
+    save_torch,
+    select_checkpoint,
     set_rng_state,
 )
 
@@ -63,11 +67,20 @@ class Trainer:
         self.buffer: GroupBuffer[ResponseGroup] = GroupBuffer()
         self.step = 0
         self.version = 0
+        self.last_saved_step = -1
+        self.stop = StopRequest()
         self.progress = tqdm(disable=True)  # replaced by fit()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
-        self.maybe_resume()
+        """Runs to ``total_training_steps`` (or epochs), or until SIGTERM / SIGINT: then the
+        current step ends, a checkpoint is saved and ``self.stop.signal_name`` says why."""
+        with self.stop.installed():
+            self.maybe_resume()
+            self.logger.start_wandb()
+            return self._run()
+
+    def _run(self) -> dict[str, float]:
         # Fresh engines: push the actor's weights (a resumed run re-sends its current version).
         self.sync_weights(bump=self.version == 0)
         if self.step == 0 and self.config.trainer.eval_before_train and self.parts.eval_prompts:
@@ -80,20 +93,25 @@ class Trainer:
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not self.config.logging.progress_bar or self.parts.quiet,
+            # Bars redraw with carriage returns: only on a terminal, never into a log file.
+            disable=not (self.config.logging.progress_bar and sys.stderr.isatty())
+            or self.parts.quiet,
         )
-        while not self.done():
+        while not self.done() and not self.stop.requested:
             metrics = self.step_once()
             self.step += 1
             trainer_cfg = self.config.trainer
             if self.parts.eval_prompts and _every(trainer_cfg.eval_freq, self.step):
                 metrics.update(self.evaluate())
-            if trainer_cfg.save_freq and (self.step % trainer_cfg.save_freq == 0 or self.done()):
-                self.save_checkpoint()
+            # The step's line goes out first; the checkpoint then commits it (metrics_log).
             self.logger.log(self.step, metrics)
             self.parts.report(self.step, metrics)
+            # Every save_freq steps, at the end (save_freq None: only then), and when stopped.
+            if _every(trainer_cfg.save_freq, self.step) or self.done() or self.stop.requested:
+                self.save_checkpoint()
             self.progress.update(1)
         self.progress.close()
+        self.logger.close()
         return metrics
 
     def step_once(self) -> dict[str, float]:
@@ -144,12 +162,12 @@ class Trainer:
             num_batches += 1
             generated.extend(groups)
             self.buffer.add([g for g in groups if not dynamic or len(set(g.rewards)) > 1])
-        taken = self.buffer.take(min(len(self.buffer), data.train_batch_size))
-        if not taken:
+        if not len(self.buffer):
             raise RuntimeError(
                 f"step {self.step}: {num_batches} generation batches gave no group with differing "
                 "rewards (all correct or all wrong): check the data, the reward or the model"
             )
+        taken = self.buffer.take(min(len(self.buffer), data.train_batch_size))
         # With enough surplus held, a step may generate nothing: describe what it trains on.
         metrics = _rollout_metrics(generated or taken)
         metrics["rollout/num_gen_batches"] = float(num_batches)
@@ -262,6 +280,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
+        if self.last_saved_step == self.step:
+            return self.output_dir / "checkpoints" / f"step_{self.step:06d}"
         partial, final = begin_checkpoint(self.output_dir, self.step)
         self.parts.workers.run_all("save", str(partial / "actor"))
         state = {
@@ -271,27 +291,36 @@ class Trainer:
             "buffer": self.buffer.state_dict(),
             "rng": rng_state(),
         }
-        torch.save(state, partial / "trainer_state.pt")
-        finish_checkpoint(partial, final, self.config.trainer.max_checkpoints_to_keep)
+        save_torch(state, partial / "trainer_state.pt")
+        self.logger.snapshot(partial)
+        atomic_write_text(partial / "config.yaml", to_yaml(self.config))
+        finish_checkpoint(
+            partial, final, self.config.trainer.max_checkpoints_to_keep, self.parts.digest_files
+        )
+        self.last_saved_step = self.step
         return final
 
     def maybe_resume(self) -> None:
-        mode = self.config.trainer.resume
-        if mode == "disable":
-            return
-        path = latest_checkpoint(self.output_dir) if mode == "auto" else Path(mode)
+        """Resume from the newest intact checkpoint (``trainer.resume``): its files are hashed
+        by the training ranks against the manifest; a damaged one is named, set aside and the
+        previous one used."""
+        path = select_checkpoint(
+            self.output_dir, self.config.trainer.resume, self.parts.digest_files, self._say
+        )
         if path is None:
             return
-        if not (path / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"trainer.resume: {path} is not a complete checkpoint")
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.parts.workers.run_all("load", str(path / "actor"))
         self.step, self.version = int(state["step"]), int(state["version"])
+        self.last_saved_step = self.step
         self.parts.train_loader.load_state_dict(state["train_loader"])
         self.buffer.load_state_dict(state["buffer"])
         set_rng_state(state["rng"])
-        self.logger.truncate_after(self.step)
-        self.parts.report(self.step, {"resumed_from": float(self.step)})
+        note = self.logger.restore(path, self.step)
+        self._say(f"resumed from {path} (step {self.step}, weights version {self.version}); {note}")
+
+    def _say(self, message: str) -> None:
+        tqdm.write(f"fipo-train: {message}", file=sys.stderr)
 
 
 def _every(frequency: int | None, step: int) -> bool:

@@ -1,8 +1,10 @@
 """The RL loop end to end on CPU (Ray, Megatron actor, HF engine, weight sync, reward pool):
-a few steps, kill-and-resume determinism, malformed rows, a failing reward function, dry runs."""
+a few steps, kill-and-resume determinism, a damaged latest checkpoint, SIGTERM, a second run on
+the same output dir, malformed rows, a failing reward function, dry runs."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,51 +80,133 @@ def _stable(record):
     return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
 
 
-def test_run_kill_resume_matches_uninterrupted(run_args):
-    base, overrides = run_args
-    straight = base / "straight"
-    done = subprocess.run(
-        _command(overrides, straight), env=_env(), capture_output=True, text=True, timeout=900
+def _run(overrides, output_dir, *extra, timeout=900):
+    return subprocess.run(
+        [*_command(overrides, output_dir), *extra],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def _start(overrides, output_dir, *extra):
+    return subprocess.Popen(
+        [*_command(overrides, output_dir), *extra],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path, process, timeout=600):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, f"run ended before {path}"
+        time.sleep(0.2)
+
+
+def _same_metrics(ours, theirs):
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for mine, other in zip(ours, theirs):
+        assert _stable(mine) == pytest.approx(_stable(other), rel=1e-6, abs=1e-9), mine["step"]
+
+
+@pytest.fixture(scope="module")
+def straight(run_args):
+    """One uninterrupted run of STEPS steps (a checkpoint after each): the reference."""
+    base, overrides = run_args
+    output = base / "straight"
+    done = _run(overrides, output)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "skipped 1 malformed train rows" in done.stderr and "row 64" in done.stderr
-    records = _metrics(straight)
+    return output, _metrics(output), done.stderr
+
+
+def test_run_kill_resume_matches_uninterrupted(run_args, straight):
+    base, overrides = run_args
+    straight_dir, records, stderr = straight
+    assert "skipped 1 malformed train rows" in stderr and "row 64" in stderr
+    assert stderr.count("skipped 1 malformed") == 1  # reported once
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     last = records[-1]
     assert "eval/greedy_accuracy" in last and "fipo/weight_mean" in last
     assert last["actor/num_optimizer_steps"] == 2.0
     assert last["rollout/weights_version"] == STEPS  # initial sync + one per step, pre-sync value
-    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((straight_dir / "tensorboard").glob("events.out.tfevents.*"))
     # oversampled groups kept for later: some step trains on the held surplus alone
     assert min(r["rollout/num_gen_batches"] for r in records) == 0
-    assert latest_checkpoint(straight).name == f"step_{STEPS:06d}"
+    latest = latest_checkpoint(straight_dir)
+    assert latest.name == f"step_{STEPS:06d}"
+    # The step's metrics are committed with its checkpoint, with a manifest of every file.
+    assert (latest / "metrics.jsonl").read_text() == (straight_dir / "metrics.jsonl").read_text()
+    assert "actor/.metadata" in json.loads((latest / "MANIFEST.json").read_text())["files"]
 
     killed = base / "killed"
-    process = subprocess.Popen(
-        _command(overrides, killed),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while not (killed / "checkpoints/step_000001/COMPLETE").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before step 1"
-        time.sleep(0.2)
+    process = _start(overrides, killed)
+    _wait_for(killed / "checkpoints/step_000001/COMPLETE", process)
     os.killpg(process.pid, signal.SIGKILL)  # mid step 2, possibly mid checkpoint write
     process.wait()
-    resumed = subprocess.run(
-        [*_command(overrides, killed), "--resume", "auto"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    resumed = _run(overrides, killed, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    again = _metrics(killed)
-    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
-    for ours, theirs in zip(again, records):
-        assert _stable(ours) == pytest.approx(_stable(theirs), rel=1e-6, abs=1e-9), ours["step"]
+    assert f"resumed from {killed / 'checkpoints/step_'}" in resumed.stderr
+    _same_metrics(_metrics(killed), records)
+
+
+def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(run_args, straight):
+    """4 KB overwritten inside the newest checkpoint's weights (size unchanged) and a torn last
+    metrics line: the resume names the damage in one line, sets it aside, resumes from the
+    step before, and ends with the uninterrupted run's metrics."""
+    base, overrides = run_args
+    straight_dir, records, _ = straight
+    damaged = base / "damaged"
+    shutil.copytree(straight_dir, damaged)
+    newest = damaged / f"checkpoints/step_{STEPS:06d}"
+    weights = max((newest / "actor").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(os.urandom(4096))
+    with open(damaged / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "accur')
+    resumed = _run(overrides, damaged, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    lines = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
+    assert len(lines) == 1 and f"actor/{weights.name} does not match its sha256" in lines[0]
+    assert f"resumed from {damaged / f'checkpoints/step_{STEPS - 1:06d}'}" in resumed.stderr
+    assert (damaged / f"checkpoints/step_{STEPS:06d}.damaged").is_dir()  # kept, not deleted
+    _same_metrics(_metrics(damaged), records)
+
+
+def test_sigterm_saves_and_a_second_run_is_refused(run_args, straight):
+    """A second fipo-train on the same output dir is refused in seconds, naming the holder,
+    and changes nothing; SIGTERM ends the first after its current step with a checkpoint and
+    exit status 0; --resume auto then finishes with the uninterrupted run's metrics."""
+    base, overrides = run_args
+    _, records, _ = straight
+    output = base / "stopped"
+    first = _start([*overrides, "trainer.save_freq=100"], output)
+    try:
+        _wait_for(output / "metrics.jsonl", first)
+        config_before = (output / "config.yaml").read_bytes()
+        started = time.time()
+        second = _run(overrides, output, timeout=120)
+        assert second.returncode == 2 and time.time() - started < 60
+        assert f"is in use by another run (fipo-train pid {first.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert (output / "config.yaml").read_bytes() == config_before
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stderr[-4000:]
+    stopped_at = latest_checkpoint(output)
+    assert f"stopped by SIGTERM after step {int(stopped_at.name[5:])}" in stderr
+    assert "Traceback" not in stderr and "SIGABRT" not in stderr
+    resumed = _run([*overrides, "trainer.save_freq=100"], output, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    _same_metrics(_metrics(output), records)
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):

@@ -158,6 +158,12 @@ class TrainWorker:
     def save(self, path: str) -> None:
         self.actor.save(path)
 
+    def digest_files(self, root: str, names: list[str]) -> dict[str, Any]:
+        """Size and sha256 of checkpoint files (fsynced first): this rank's share of the work."""
+        from megatron_fipo.run_state import digest_files
+
+        return digest_files(root, names)
+
     def load(self, path: str) -> None:
         self.actor.load(path, load_optimizer=True)
 

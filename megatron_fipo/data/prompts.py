@@ -17,14 +17,11 @@ naming it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
@@ -265,7 +262,7 @@ def load_prompt_files(
     answer_key: str | None = None,
     on_malformed_row: Literal["skip", "error"] = "skip",
 ) -> LoadReport:
-    """Read several files in order into one report; logs a summary of skipped rows."""
+    """Read several files in order into one report (the caller reports skipped rows once)."""
     if len(paths) == 0:
         raise DataError("no data files given")
     report = LoadReport()
@@ -278,10 +275,6 @@ def load_prompt_files(
             on_malformed_row=on_malformed_row,
             report=report,
         )
-    if report.malformed:
-        shown = "\n  ".join(str(bad) for bad in report.malformed[:10])
-        more = f"\n  ... and {report.num_skipped - 10} more" if report.num_skipped > 10 else ""
-        logger.warning("skipped %d malformed rows:\n  %s%s", report.num_skipped, shown, more)
     if not report.examples:
         raise DataError(
             f"no usable rows in {[str(p) for p in paths]} ({report.num_skipped} malformed)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ class MetricsLogger:
                 "logging.wandb_project is set but wandb is not installed: pip install wandb"
             ) from None
         id_file = self.output_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self._wandb = wandb.init(
             project=config.wandb_project,

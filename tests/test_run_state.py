@@ -282,3 +282,32 @@ def test_refused_resume_changes_nothing_in_the_output_dir(tmp_path):
     assert done.returncode == 2 and "is not a complete checkpoint" in done.stderr, done.stderr
     assert (run / "config.yaml").read_text() == "earlier: run\n"
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------- W&B
+class _WandbLogging:
+    jsonl = True
+    tensorboard = False
+    wandb_project = "fipo-tests"
+    wandb_entity = None
+    wandb_mode = "offline"
+    experiment_name = "offline"
+
+
+def test_wandb_offline_logs_every_step_and_a_resume_continues_the_same_run(tmp_path):
+    pytest.importorskip("wandb", reason="wandb is in the dev extras")
+    from wandb_offline import history, run_ids
+
+    first = MetricsLogger(tmp_path, _WandbLogging(), {"seed": 1})
+    first.start_wandb()
+    first.log(1, {"reward/mean": 0.5, "actor/loss": 1.5})
+    first.log(2, {"reward/mean": 0.75, "actor/loss": 1.25})
+    first.close()
+    resumed = MetricsLogger(tmp_path, _WandbLogging(), {"seed": 1})
+    resumed.start_wandb()  # after a resume: the same W&B run id
+    resumed.log(3, {"reward/mean": 1.0, "actor/loss": 1.0})
+    resumed.close()
+    logged = history(tmp_path / "wandb")
+    assert sorted(logged) == [1, 2, 3]
+    assert logged[2] == {"reward/mean": 0.75, "actor/loss": 1.25}
+    assert run_ids(tmp_path / "wandb") == {(tmp_path / "wandb_run_id").read_text().strip()}

@@ -185,6 +185,8 @@ def test_sigterm_saves_and_a_second_run_is_refused(run_args, straight):
     base, overrides = run_args
     _, records, _ = straight
     output = base / "stopped"
+    # Also W&B, offline (no network): both processes log into one W&B run.
+    overrides = [*overrides, "logging.wandb_project=fipo-tests", "logging.wandb_mode=offline"]
     first = _start([*overrides, "trainer.save_freq=100"], output)
     try:
         _wait_for(output / "metrics.jsonl", first)
@@ -207,6 +209,11 @@ def test_sigterm_saves_and_a_second_run_is_refused(run_args, straight):
     resumed = _run([*overrides, "trainer.save_freq=100"], output, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     _same_metrics(_metrics(output), records)
+    from wandb_offline import history
+
+    logged = history(output / "wandb")
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert logged[STEPS]["accuracy"] == records[-1]["accuracy"]
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):

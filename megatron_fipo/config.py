@@ -396,6 +396,11 @@ class RewardConfig(_Section):
     """User reward as "package.module:function" (None: the built-in math answer reward)."""
     timeout_s: float = _num(10.0, gt=0)
     """Per-sample time limit; a sample that runs over scores as wrong."""
+    batch_budget_s: float | None = _num(None, gt=0)
+    """Time limit of scoring one generation batch; samples still unscored when it runs out score
+    as timeouts (logged as reward/budget_timeouts). None: 30 x timeout_s, which an ordinary batch
+    never reaches (milliseconds per sample); it caps a batch of hostile outputs, which would
+    otherwise take num_samples x timeout_s / num_workers."""
     num_workers: int = _num(4, ge=1)
     """Worker processes that check answers."""
 
@@ -403,6 +408,11 @@ class RewardConfig(_Section):
         _require(
             self.function is None or ":" in self.function,
             f"reward.function must look like 'package.module:function', got {self.function!r}",
+        )
+        _require(
+            self.batch_budget_s is None or self.batch_budget_s >= self.timeout_s,
+            f"reward.batch_budget_s ({self.batch_budget_s}) must be >= reward.timeout_s "
+            f"({self.timeout_s}): one sample may take its whole deadline",
         )
 
 

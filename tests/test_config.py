@@ -345,6 +345,12 @@ RULES = [
         ["rollout.colocate=false", "rollout.num_gpus=128"],
         r"rollout\.num_gpus \(128\) must leave training GPUs",
     ),
+    (
+        TINY,
+        ["reward.batch_budget_s=4.0"],
+        r"reward\.batch_budget_s \(4\.0\) must be >= reward\.timeout_s \(5\.0\)",
+    ),
+    (TINY, ["reward.batch_budget_s=0"], r"reward\.batch_budget_s must be > 0"),
 ]
 
 

@@ -142,7 +142,7 @@ def _batch_records(batch: Any) -> list[Any]:
         try:
             records.append(row.to_pylist()[0])
         except UnicodeDecodeError as error:
-            bad = [name for name in row.schema.names if not _decodes(row.column(name))]
+            bad = [name for name in row.schema.names if not _decodes(row.column(name))] or ["?"]
             records.append(_Unreadable(f"column {bad[0]!r} is not valid UTF-8: {error.reason}"))
     return records
 

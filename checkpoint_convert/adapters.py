@@ -20,16 +20,19 @@ builds the sharded state dict), so :data:`CANONICAL` per-layer names are the TE 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from megatron_fipo.megatron.model import padded_vocab_size
+from megatron_fipo.megatron.model import padded_vocab_size, rope_scaling_factor
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+# Activations the Megatron model computes (SwiGLU with SiLU); transformers reads both as SiLU.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -117,6 +120,7 @@ class ModelDims:
                 f"config.num_attention_heads={heads} is not divisible by num_key_value_heads={groups}"
             )
         head_dim = _get(config, "head_dim", config["hidden_size"] // heads)
+        check_model_math(config)
         ADAPTERS[model_type].check_config(config)
         return cls(
             model_type=model_type,
@@ -132,6 +136,51 @@ class ModelDims:
             padded_vocab_size=padded_vocab_size(config["vocab_size"], 1),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=ADAPTERS[model_type].qkv_bias(config),
+        )
+
+
+def check_model_math(config: Mapping) -> None:
+    """Refuse config fields (both families) that change what the model computes in a way the
+    Megatron model does not: weights would convert cleanly and then run a different function.
+
+    Raises :class:`ConversionError` naming the field and its value.
+    """
+    act = config.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ConversionError(
+            f"config.hidden_act={act!r} is not supported: the Megatron model computes SwiGLU "
+            f"with SiLU ({' or '.join(map(repr, SUPPORTED_ACTIVATIONS))})"
+        )
+    # transformers 5 writes RoPE settings into rope_parameters; older configs use rope_scaling.
+    field = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    rope = config.get(field) or {}
+    if not isinstance(rope, Mapping):
+        raise ConversionError(f"config.{field}={rope!r} must be a mapping")
+    try:
+        rope_scaling_factor({"rope_scaling": dict(rope)})
+    except (ValueError, KeyError, TypeError):
+        raise ConversionError(
+            f"config.{field}={dict(rope)} is not supported: Megatron's RoPE has no scaling but "
+            "the llama3 rule (low/high frequency factors 1 and 4, 8192 original positions)"
+        ) from None
+    theta = config.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None and not (
+        isinstance(theta, (int, float)) and math.isfinite(theta) and float(theta).is_integer()
+    ):
+        raise ConversionError(
+            f"config.rope_theta={theta!r} is not supported: Megatron's rotary base is an integer"
+        )
+    partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(
+            f"config.partial_rotary_factor={partial!r} is not supported (rotary on every dim)"
+        )
+    layer_types = config.get("layer_types") or []
+    other = sorted({kind for kind in layer_types if kind != "full_attention"})
+    if other:
+        raise ConversionError(
+            f"config.layer_types has {other}: only full attention is supported by the Megatron "
+            "model"
         )
 
 

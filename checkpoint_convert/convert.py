@@ -64,15 +64,15 @@ def staged_output(
 ) -> Iterator[Path]:
     """Yield a temporary directory beside ``output_dir``; on success it replaces ``output_dir``.
 
-    ConversionError when ``output_dir`` is non-empty (unless ``force``) or is one of ``sources``.
-    On any error the temporary directory is removed and ``output_dir`` is untouched. With
-    ``sync`` the files are flushed to disk before the rename, so a crash cannot leave a
-    complete-looking directory with missing data.
+    ConversionError when ``output_dir`` is non-empty (unless ``force``), or is, contains or lies
+    inside one of ``sources`` (``force`` replaces the whole output directory, so it must never
+    hold an input). On any error the temporary directory is removed and ``output_dir`` is
+    untouched. With ``sync`` the files are flushed to disk before the rename, so a crash cannot
+    leave a complete-looking directory with missing data.
     """
     output_dir = Path(output_dir).absolute()
     for source in sources:
-        if output_dir.resolve() == Path(source).resolve():
-            raise ConversionError(f"output directory {output_dir} is the input directory")
+        _check_apart(output_dir, Path(source))
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"output path {output_dir} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
@@ -96,6 +96,22 @@ def staged_output(
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(output_dir)
+
+
+def _check_apart(output_dir: Path, source: Path) -> None:
+    """ConversionError when the output directory is the input, contains it or is inside it."""
+    target, source = output_dir.resolve(), source.resolve()
+    if target == source:
+        relation = "is the input directory"
+    elif source.is_relative_to(target):
+        relation = f"contains the input {source} (--force would delete it)"
+    elif target.is_relative_to(source):
+        relation = f"is inside the input directory {source}"
+    else:
+        return
+    raise ConversionError(
+        f"output directory {output_dir} {relation}; choose an output directory apart from it"
+    )
 
 
 def _umask() -> int:

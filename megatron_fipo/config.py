@@ -11,6 +11,8 @@ world size (the launcher's dry run calls it). This module imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ class _Section:
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
+            _require(
+                not isinstance(value, float) or math.isfinite(value),
+                f"{self.SECTION}.{item.name} must be a finite number, got {value!r}",
+            )
             if value is None or not item.metadata:
                 continue
             if not all(_BOUNDS[op][0](value, bound) for op, bound in item.metadata.items()):
@@ -390,6 +396,11 @@ class RewardConfig(_Section):
     """User reward as "package.module:function" (None: the built-in math answer reward)."""
     timeout_s: float = _num(10.0, gt=0)
     """Per-sample time limit; a sample that runs over scores as wrong."""
+    batch_budget_s: float | None = _num(None, gt=0)
+    """Time limit of scoring one generation batch; samples still unscored when it runs out score
+    as timeouts (logged as reward/budget_timeouts). None: 30 x timeout_s, which an ordinary batch
+    never reaches (milliseconds per sample); it caps a batch of hostile outputs, which would
+    otherwise take num_samples x timeout_s / num_workers."""
     num_workers: int = _num(4, ge=1)
     """Worker processes that check answers."""
 
@@ -397,6 +408,11 @@ class RewardConfig(_Section):
         _require(
             self.function is None or ":" in self.function,
             f"reward.function must look like 'package.module:function', got {self.function!r}",
+        )
+        _require(
+            self.batch_budget_s is None or self.batch_budget_s >= self.timeout_s,
+            f"reward.batch_budget_s ({self.batch_budget_s}) must be >= reward.timeout_s "
+            f"({self.timeout_s}): one sample may take its whole deadline",
         )
 
 
@@ -680,6 +696,58 @@ class FipoConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# the checkpoint that runs
+
+
+def check_model_checkpoint(config: FipoConfig) -> None:
+    """Check the config against ``model.hf_model_path/config.json``, the model that actually runs.
+
+    Every ``model.architecture`` field (defaults included) must equal the checkpoint's value
+    where config.json states it, and ``rollout.max_prompt_length + max_response_length`` must
+    fit the checkpoint's ``max_position_embeddings``. Raises :class:`ConfigError` naming each
+    field and both values. Reads one JSON file (cheap, no torch), so the CLI calls it before
+    anything heavy starts; it does nothing without ``hf_model_path`` or when its config.json is
+    absent (a dry run without the weights, or a warm start that has yet to write it).
+    """
+    if not config.model.hf_model_path:
+        return
+    path = Path(config.model.hf_model_path) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        checkpoint = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"model.hf_model_path: cannot read {path}: {error}") from None
+    _require(isinstance(checkpoint, dict), f"model.hf_model_path: {path} is not a JSON object")
+    arch = config.model.architecture
+    if arch is not None:
+        differ = [
+            f"{name} {getattr(arch, name)!r} != {_checkpoint_value(checkpoint, name)!r}"
+            for name in (item.name for item in dataclasses.fields(ArchitectureConfig))
+            if _checkpoint_value(checkpoint, name) not in (None, getattr(arch, name))
+        ]
+        _require(
+            not differ,
+            f"model.architecture disagrees with {path} ({'; '.join(differ)}): the checkpoint is "
+            "what runs, so fix model.architecture or remove it",
+        )
+    positions, total = checkpoint.get("max_position_embeddings"), config.max_sequence_length
+    _require(
+        not isinstance(positions, int) or total <= positions,
+        f"rollout.max_prompt_length + max_response_length ({total}) exceeds the "
+        f"max_position_embeddings ({positions}) of {path}",
+    )
+
+
+def _checkpoint_value(checkpoint: dict[str, Any], name: str) -> Any:
+    """A field of an HF config.json; transformers 5 writes rope_theta inside rope_parameters."""
+    rope = checkpoint.get("rope_parameters")
+    if name == "rope_theta" and "rope_theta" not in checkpoint and isinstance(rope, dict):
+        return rope.get("rope_theta")
+    return checkpoint.get(name)
+
+
+# ---------------------------------------------------------------------------------------------
 # loading, overrides, saving
 
 
@@ -687,9 +755,11 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> FipoConfig:
     """Read a YAML recipe, apply ``key.sub=value`` overrides, type-check and validate."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = dataclass_yaml.load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     try:
         return from_dict(apply_overrides(data, overrides))
     except ConfigError as error:

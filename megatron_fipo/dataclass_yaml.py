@@ -3,7 +3,8 @@
 Generic machinery behind :mod:`megatron_fipo.config` (which holds the actual sections): every
 key is checked against the dataclass fields (unknown keys raise with the dotted key and a "did
 you mean"), every value against the field's annotation (bool, int, float, str, ``X | None``,
-``list[X]``, ``Literal[...]``, nested dataclasses). Imports no torch.
+``list[X]``, ``Literal[...]``, nested dataclasses; floats must be finite). :func:`load_yaml`
+refuses a mapping that repeats a key (PyYAML would keep the last one silently). Imports no torch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,46 @@ def require(ok: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``ok``."""
     if not ok:
         raise ConfigError(message)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`ConfigError` for a key repeated in any mapping,
+    naming its dotted path and both lines: a section written twice must not silently replace
+    the first. Other YAML errors propagate as ``yaml.YAMLError``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: checked where it was defined (and may be recursive)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_unique_keys(item, f"{prefix}[{index}]", seen)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        dotted = f"{prefix}.{key_node.value}" if prefix else key_node.value
+        line = key_node.start_mark.line + 1
+        if key_node.value in first_line:
+            raise ConfigError(
+                f"duplicate key {dotted!r} at line {line} (first at line "
+                f"{first_line[key_node.value]}); merge the two into one"
+            )
+        first_line[key_node.value] = line
+        _check_unique_keys(value_node, dotted, seen)
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:
@@ -106,7 +147,9 @@ def _parse_override_value(text: str, tp: Any, key: str) -> Any:
     if _accepts_text(tp):  # so "2024" or "007" stay strings
         return stripped
     try:
-        return yaml.safe_load(stripped)
+        return load_yaml(stripped)
+    except ConfigError as error:
+        raise ConfigError(f"override {key}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {key}: cannot parse {text!r} as YAML: {error}") from None
 
@@ -207,6 +250,8 @@ def _to_float(value: Any, key: str) -> float:
         type(value) in (int, float),
         f"{key} must be a float, got {value!r} ({type(value).__name__})",
     )
+    # YAML spells infinity and NaN .inf / .nan; no field means either (an lr of .inf trains NaNs).
+    require(math.isfinite(value), f"{key} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -367,6 +367,31 @@ SINGLE_FILE_CASES = {
         lambda t, c: t.update({"model.norm.weight": t["model.norm.weight"].double()}),
         "unsupported dtype F64 for tensor 'model.norm.weight'",
     ),
+    # Fields that change the math: the weights would convert and then run another function.
+    "gelu_activation": (
+        lambda t, c: c.update(hidden_act="gelu"),
+        r"config\.hidden_act='gelu' is not supported: the Megatron model computes SwiGLU",
+    ),
+    "yarn_rope_scaling": (
+        lambda t, c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        r"config\.rope_scaling=\{'rope_type': 'yarn', 'factor': 4\.0\} is not supported",
+    ),
+    "linear_rope_parameters": (  # transformers 5 spelling
+        lambda t, c: c.update(rope_parameters={"rope_type": "linear", "factor": 2.0}),
+        r"config\.rope_parameters=\{'rope_type': 'linear', 'factor': 2\.0\} is not supported",
+    ),
+    "fractional_rope_theta": (
+        lambda t, c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4 + 0.5}),
+        r"config\.rope_theta=10000\.5 is not supported",
+    ),
+    "partial_rotary": (
+        lambda t, c: c.update(partial_rotary_factor=0.5),
+        r"config\.partial_rotary_factor=0\.5 is not supported",
+    ),
+    "sliding_layers": (
+        lambda t, c: c.update(layer_types=["full_attention"] * 3 + ["sliding_attention"]),
+        r"config\.layer_types has \['sliding_attention'\]",
+    ),
 }
 
 
@@ -377,6 +402,58 @@ def test_bad_single_file_input(models, tmp_path, case):
     with pytest.raises(ConversionError, match=message):
         hf_to_megatron(source, tmp_path / "out", progress=False)
     assert_no_output(tmp_path / "out")
+
+
+def test_supported_rope_settings_convert(models, tmp_path):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    llama3 |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for name, edit in {
+        "llama3_parameters": lambda t, c: c.update(rope_parameters={**llama3, "rope_theta": 5e5}),
+        "llama3_scaling": lambda t, c: c.update(rope_scaling=llama3, rope_theta=500000.0),
+        "swish": lambda t, c: c.update(hidden_act="swish"),
+    }.items():
+        source = _single_file_copy(models["llama"], tmp_path / name, edit)
+        hf_to_megatron(source, tmp_path / f"{name}_out", progress=False, sync=False)
+
+
+def test_cli_refuses_gelu_in_one_line(models, tmp_path, capsys):
+    source = _single_file_copy(
+        models["qwen2"], tmp_path / "src", lambda t, c: c.update(hidden_act="gelu")
+    )
+    args = ["hf-to-megatron", "--hf-dir", str(source), "--output-dir", str(tmp_path / "out")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: config.hidden_act='gelu' is not supported") and err.count("\n") == 1
+    )
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "layout, relation",
+    [
+        ("parent", r"contains the input .*model/hf \(--force would delete it\)"),
+        ("same", r"is the input directory"),
+        ("child", r"is inside the input directory .*model/hf"),
+    ],
+)
+def test_force_never_deletes_its_own_input(models, tmp_path, capsys, layout, relation):
+    (tmp_path / "model").mkdir()
+    source = _sharded_copy(models["qwen2"], tmp_path / "model" / "hf")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    output = {"parent": source.parent, "same": source, "child": source / "megatron"}[layout]
+    with pytest.raises(ConversionError, match=rf"output directory {output} {relation}; choose"):
+        hf_to_megatron(source, output, force=True, progress=False)
+    args = ["--hf-dir", str(source), "--output-dir", str(output), "--no-progress", "--force"]
+    assert main(["hf-to-megatron", *args]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    # Export: neither the checkpoint nor its hf_config/ may be under (or be) the output.
+    megatron_dir = hf_to_megatron(source, tmp_path / "m", progress=False, sync=False)
+    for output in (tmp_path, megatron_dir, megatron_dir / "hf_config", megatron_dir / "x"):
+        with pytest.raises(ConversionError, match="output directory"):
+            megatron_to_hf(megatron_dir, output, force=True, progress=False)
+    assert (megatron_dir / "hf_config" / "config.json").is_file()
 
 
 def test_export_refuses_config_that_does_not_match(models, tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,9 @@ from megatron_fipo.config import (
     AlgorithmConfig,
     ConfigError,
     FipoConfig,
+    OptimizerConfig,
     ParallelismConfig,
+    check_model_checkpoint,
     load_config,
     save_config,
     to_dict,
@@ -341,6 +345,12 @@ RULES = [
         ["rollout.colocate=false", "rollout.num_gpus=128"],
         r"rollout\.num_gpus \(128\) must leave training GPUs",
     ),
+    (
+        TINY,
+        ["reward.batch_budget_s=4.0"],
+        r"reward\.batch_budget_s \(4\.0\) must be >= reward\.timeout_s \(5\.0\)",
+    ),
+    (TINY, ["reward.batch_budget_s=0"], r"reward\.batch_budget_s must be > 0"),
 ]
 
 
@@ -461,3 +471,139 @@ def test_file_that_is_not_a_mapping_or_not_yaml(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"not valid YAML"):
         load_config(path)
+
+
+# ---- duplicate keys, non-finite numbers -----------------------------------------------------
+
+
+def test_a_section_written_twice_is_refused_naming_key_and_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(TINY.read_text() + "\noptimizer:\n  lr: 5.0e-5\n")
+    lines = path.read_text().splitlines()
+    first, last = lines.index("optimizer:") + 1, len(lines) - 1
+    with pytest.raises(
+        ConfigError,
+        match=rf"twice\.yaml: duplicate key 'optimizer' at line {last} \(first at line {first}\)",
+    ):
+        load_config(path)
+
+
+def test_a_nested_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "nested.yaml"
+    path.write_text(TINY.read_text().replace("  lr: 1.0e-4", "  lr: 1.0e-4\n  lr: 2.0e-4"))
+    lines = path.read_text().splitlines()
+    second = next(i for i, line in enumerate(lines, 1) if line.startswith("  lr: 2.0e-4"))
+    with pytest.raises(ConfigError, match=rf"duplicate key 'optimizer\.lr' at line {second} \("):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override model\.architecture: duplicate key"):
+        load_config(TINY, ["model.architecture={hidden_size: 64, hidden_size: 128}"])
+    # A YAML merge key is not a duplicate: the local key overrides the merged one, as specified.
+    merged = tmp_path / "merge.yaml"
+    merged.write_text(
+        TINY.read_text().replace("optimizer:\n", "optimizer:\n  <<: {weight_decay: 0.5}\n", 1)
+    )
+    assert load_config(merged).optimizer.weight_decay == 0.0
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for item in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[item.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if dataclasses.is_dataclass(inner[0]):
+            keys += _float_keys(inner[0], f"{prefix}{item.name}.")
+        elif float in inner:
+            keys.append(f"{prefix}{item.name}")
+    return keys
+
+
+FLOAT_KEYS = _float_keys(FipoConfig)
+
+
+def test_every_float_field_is_found():
+    assert {"optimizer.lr", "algorithm.overlong_buffer.penalty_factor"} <= set(FLOAT_KEYS)
+    assert "model.architecture.rope_theta" in FLOAT_KEYS and len(FLOAT_KEYS) >= 20
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_refused_by_dotted_key(key, value):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be a finite number"):
+        load_config(TINY, [f"{key}={value}"])
+
+
+def test_non_finite_floats_in_the_file_and_in_code(tmp_path):
+    path = tmp_path / "inf.yaml"
+    path.write_text(TINY.read_text().replace("  lr: 1.0e-4", "  lr: .inf"))
+    with pytest.raises(ConfigError, match=r"inf\.yaml: optimizer\.lr must be a finite number"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"optimizer\.clip_grad must be a finite number, got inf"):
+        OptimizerConfig(clip_grad=float("inf"))
+
+
+# ---- the checkpoint's config.json is what runs ----------------------------------------------
+
+
+def _checkpoint(tmp_path: Path, **changes) -> Path:
+    """An HF model dir whose config.json transformers wrote from tiny-cpu's architecture (as the
+    warm start does), with ``changes`` applied to the JSON."""
+    from transformers import AutoConfig
+
+    fields = to_dict(load_config(TINY).model.architecture)
+    folder = tmp_path / "ckpt"
+    AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_tiny_cpu_architecture_agrees_with_the_checkpoint_written_from_it(tmp_path):
+    folder = _checkpoint(tmp_path)
+    check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={folder}"]))
+    # Absent config.json (dry run without weights, warm start not yet run): nothing to check.
+    check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={tmp_path / 'none'}"]))
+
+
+def test_architecture_that_disagrees_with_the_checkpoint_is_refused(tmp_path):
+    folder = _checkpoint(tmp_path, hidden_size=256, num_hidden_layers=2)
+    config = load_config(TINY, [f"model.hf_model_path={folder}"])
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.architecture disagrees with .*ckpt/config\.json \(hidden_size 128 != 256; "
+        r"num_hidden_layers 4 != 2\): the checkpoint is what runs",
+    ):
+        check_model_checkpoint(config)
+    # Without an inline architecture the checkpoint alone decides.
+    check_model_checkpoint(
+        load_config(TINY, [f"model.hf_model_path={folder}", "model.architecture=null"])
+    )
+
+
+def test_rope_theta_is_compared_in_both_config_json_spellings(tmp_path):
+    legacy = _checkpoint(tmp_path, rope_theta=500000.0)  # top-level, as transformers 4 wrote it
+    with pytest.raises(ConfigError, match=r"rope_theta 10000\.0 != 500000\.0"):
+        check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={legacy}"]))
+    nested = _checkpoint(tmp_path, rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
+    with pytest.raises(ConfigError, match=r"rope_theta 10000\.0 != 1000000\.0"):
+        check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={nested}"]))
+
+
+def test_sequence_longer_than_the_checkpoint_positions_is_refused(tmp_path):
+    folder = _checkpoint(tmp_path, max_position_embeddings=100)
+    config = load_config(TINY, [f"model.hf_model_path={folder}", "model.architecture=null"])
+    with pytest.raises(
+        ConfigError,
+        match=r"rollout\.max_prompt_length \+ max_response_length \(128\) exceeds the "
+        r"max_position_embeddings \(100\) of .*ckpt/config\.json",
+    ):
+        check_model_checkpoint(config)
+    short = [f"model.hf_model_path={folder}", "model.architecture=null"]
+    check_model_checkpoint(load_config(TINY, [*short, "rollout.max_response_length=36"]))
+
+
+def test_unreadable_checkpoint_config_is_named(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"model\.hf_model_path: cannot read .*broken/config"):
+        check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={folder}"]))

@@ -51,7 +51,7 @@ def test_reads_the_dapo_parquet_schema(tmp_path):
     first = report.examples[3]
     assert first.messages == ({"role": "user", "content": "Solve problem 3. Answer: $Answer"},)
     assert (first.data_source, first.file, first.row) == ("math_dapo", str(path), 3)
-    assert first.id == "dapo-math-17k.parquet#3"
+    assert first.id == f"{path.resolve()}#3"
 
 
 def test_reads_aime_jsonl_with_integer_answers(tmp_path):
@@ -95,9 +95,9 @@ def test_malformed_row_is_skipped_with_file_and_row_or_raises(tmp_path, bad, rea
     assert [e.row for e in report.examples] == [0, 1, 3]  # the bad row never reaches the reward
     assert report.num_skipped == 1
     (skipped,) = report.malformed
-    assert (skipped.file, skipped.row) == (str(path), 2)
+    assert (skipped.file, skipped.row, skipped.line) == (str(path), 2, 3)
     assert reason in skipped.reason
-    with pytest.raises(DataError, match=rf"train\.jsonl: row 2: .*{reason[:12]}"):
+    with pytest.raises(DataError, match=rf"train\.jsonl:3: row 2: .*{reason[:12]}"):
         read_prompt_file(path, on_malformed_row="error")
 
 
@@ -132,9 +132,75 @@ def test_custom_keys_and_several_files(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"question": "2+2?", "meta": {"sol": "4"}}])
     report = load_prompt_files([a, b], prompt_key="question", answer_key="meta.sol")
     assert [(e.id, e.ground_truth) for e in report.examples] == [
-        ("a.jsonl#0", "2"),
-        ("b.jsonl#0", "4"),
+        (f"{a.resolve()}#0", "2"),
+        (f"{b.resolve()}#0", "4"),
     ]
+
+
+def test_files_sharing_a_basename_get_distinct_request_ids(tmp_path):
+    from megatron_fipo.rollout.engine import GenerationRequest, validate_requests
+
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    paths = [write_jsonl(tmp_path / d / "train.jsonl", [dapo_row(0), dapo_row(1)]) for d in "xy"]
+    examples = load_prompt_files(paths).examples
+    assert len({e.id for e in examples}) == 4
+    assert examples[2].id == f"{paths[1].resolve()}#0"
+    # As the trainer builds them: one request per (prompt, sample).
+    validate_requests(
+        [
+            GenerationRequest(prompt_token_ids=[1], request_id=f"{e.id}/{j}")
+            for e in examples
+            for j in range(2)
+        ]
+    )
+
+
+def test_a_file_listed_twice_is_refused_naming_it(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "train.jsonl", [dapo_row(0)])
+    with pytest.raises(DataError, match=r"train\.jsonl: data file listed twice"):
+        load_prompt_files([path, path])
+    (tmp_path / "link.jsonl").symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    message = rf"^link\.jsonl: data file listed twice \(the same file as '{path}'\); list each"
+    with pytest.raises(DataError, match=message):
+        load_prompt_files([path, "link.jsonl"])
+    with pytest.raises(DataError, match="listed twice"):
+        load_prompt_files(["train.jsonl", "./train.jsonl"])
+
+
+def test_an_undecodable_jsonl_line_is_one_malformed_row(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = [json.dumps(dapo_row(i)).encode() for i in range(3)]
+    bad = json.dumps(dapo_row(9)).encode().replace(b"Solve", b"So\xfflve")
+    path.write_bytes(b"\n".join([good[0], b"", bad, good[1], good[2]]) + b"\n")
+    report = read_prompt_file(path, on_malformed_row="skip")
+    assert [e.row for e in report.examples] == [0, 2, 3]
+    assert [str(bad) for bad in report.malformed] == [
+        f"{path}:3: row 1: not valid UTF-8 (byte 0xff at column {bad.index(0xFF) + 1}): "
+        "invalid start byte"
+    ]
+    with pytest.raises(DataError, match=r"train\.jsonl:3: row 1: not valid UTF-8 \(byte 0xff"):
+        read_prompt_file(path, on_malformed_row="error")
+
+
+def _invalid_utf8_strings(values: list[bytes]) -> pa.Array:
+    """A string column holding raw bytes (parquet writers do not all validate UTF-8)."""
+    offsets = pa.array([sum(map(len, values[:i])) for i in range(len(values) + 1)], pa.int32())
+    data = pa.py_buffer(b"".join(values))
+    return pa.Array.from_buffers(pa.string(), len(values), [None, offsets.buffers()[1], data])
+
+
+def test_an_undecodable_parquet_string_is_one_malformed_row(tmp_path):
+    problems = _invalid_utf8_strings([b"Find x.", b"Find \xfe y.", b"Find z."])
+    path = tmp_path / "aime.parquet"
+    pq.write_table(pa.table({"problem": problems, "answer": ["1", "2", "3"]}), path)
+    report = read_prompt_file(path, on_malformed_row="skip")
+    assert [(e.row, e.ground_truth) for e in report.examples] == [(0, "1"), (2, "3")]
+    assert [str(bad) for bad in report.malformed] == [
+        f"{path}: row 1: column 'problem' is not valid UTF-8: invalid start byte"
+    ]
+    with pytest.raises(DataError, match=r"aime\.parquet: row 1: column 'problem' is not valid"):
+        read_prompt_file(path, on_malformed_row="error")
 
 
 def test_load_from_config_follows_the_data_section(tmp_path):

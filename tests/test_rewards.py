@@ -251,6 +251,24 @@ def test_timeout_in_a_batch_keeps_order(strict_reward):
     assert [r.reason for r in results] == ["correct", "timeout", "correct", "wrong"]
 
 
+def test_batch_budget_caps_a_batch_of_hostile_answers():
+    # One worker, 1 s per sample: 8 slow answers would take 8 s plus 8 worker restarts (each a
+    # sympy import and warm-up); with a 2 s budget the batch ends after the first overrun.
+    budget_s = 2.0
+    with _warm(MathReward(num_workers=1, timeout_s=1.0, batch_budget_s=budget_s)) as pool:
+        responses = ["\\boxed{\\frac{1}{2}}"] + [SLOW_RESPONSE] * 8 + ["\\boxed{7}"]
+        start = time.perf_counter()
+        results = pool.score_batch(responses, ["0.5"] + ["1"] * 8 + ["7"])
+        elapsed = time.perf_counter() - start
+        assert elapsed < budget_s + 1.5, elapsed  # + killing and respawning one worker
+        assert [r.reason for r in results] == ["correct"] + ["timeout"] * 8 + ["correct"]
+        assert all(r.extracted == SLOW_ANSWER and r.reward == -1.0 for r in results[1:9])
+        # At most 2 samples could run to their own 1 s deadline inside the budget.
+        assert 6 <= pool.last_budget_timeouts <= 7
+        _check(pool.score("\\boxed{\\dfrac{1}{2}}", "0.5"), True, "correct")
+        assert pool.last_budget_timeouts == 0
+
+
 def test_worker_killed_while_idle_is_replaced(reward):
     os.kill(reward._workers[0].process.pid, signal.SIGKILL)
     reward._workers[0].process.join(timeout=5)

@@ -43,6 +43,7 @@ def test_scores_come_back_in_order(mixed):
     assert results == [RewardResult(float(len(r)), True, None, "scored") for r in responses]
     assert _score(mixed, [""]) == [RewardResult(0.0, False, None, "scored")]
     assert mixed.score_batch([], []) == []
+    assert mixed.last_budget_timeouts == 0
 
 
 def test_user_code_runs_only_in_workers(mixed):
@@ -136,7 +137,33 @@ def test_a_batch_of_every_failure_keeps_order_and_never_hangs(mixed):
     assert [r.reason.split(":")[0] for r in results] == [expected[r] for r in responses]
     assert [r.reward for r in results if r.reason == "scored"] == [1.0, 2.0, 1.0]
     assert all(r.reward == -1.0 and not r.correct for r in results if r.reason != "scored")
+    # The default budget (30 deadlines) is far from reached: every timeout was a sample's own.
+    assert mixed.batch_budget_s == 30 * TIMEOUT_S and mixed.last_budget_timeouts == 0
     assert _score(mixed, ["end"]) == [RewardResult(3.0, True, None, "scored")]
+
+
+def test_batch_budget_ends_a_batch_of_hostile_samples():
+    timeout_s, budget_s, num_hostile = 1.0, 3.0, 20
+    responses = ["a", "bb"] + ["hang", "spin"] * (num_hostile // 2)
+    with RewardPool(
+        "reward_fns:mixed_reward", num_workers=2, timeout_s=timeout_s, batch_budget_s=budget_s
+    ) as pool:
+        start = time.perf_counter()
+        results = _score(pool, responses)
+        elapsed = time.perf_counter() - start
+        # Without the budget: 20 samples x 1 s / 2 workers, plus a restart per sample (> 10 s).
+        # After it: the kill and respawn of the 2 busy workers (Process.start returns before the
+        # new interpreter imports anything) and a poll; 2 s covers that on a loaded 2-core box.
+        assert budget_s <= elapsed < budget_s + 2.0, elapsed
+        assert [r.reason for r in results[:2]] == ["scored", "scored"]
+        assert all(r == _error("timeout") for r in results[2:])
+        # Within 3 s, 2 workers can overrun their own 1 s deadline at most 3 times each; the
+        # other hostile samples were ended by the budget.
+        assert num_hostile - 6 <= pool.last_budget_timeouts <= num_hostile - 2
+        assert pool.num_budget_timeouts == pool.last_budget_timeouts
+        # The pool goes on with fresh workers, and the counter is per batch.
+        assert _score(pool, ["after"]) == [RewardResult(5.0, True, None, "scored")]
+        assert pool.last_budget_timeouts == 0 and pool.num_budget_timeouts >= num_hostile - 6
 
 
 def test_bad_batch_arguments(mixed):
@@ -189,6 +216,9 @@ def test_pool_arguments():
     for kwargs, field in [
         ({"num_workers": 0}, "num_workers"),
         ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": math.inf}, "timeout_s"),
+        ({"timeout_s": 2.0, "batch_budget_s": 1.0}, r"batch_budget_s must be .* >= timeout_s"),
+        ({"batch_budget_s": math.inf}, "batch_budget_s must be finite"),
         ({"error_reward": math.nan}, "error_reward"),
         ({"memory_limit_mb": 1}, "memory_limit_mb"),
     ]:
@@ -197,8 +227,9 @@ def test_pool_arguments():
 
 
 def test_build_reward_without_function_is_the_math_reward():
-    with build_reward(RewardConfig(num_workers=1, timeout_s=2.0)) as pool:
+    with build_reward(RewardConfig(num_workers=1, timeout_s=2.0, batch_budget_s=9.0)) as pool:
         assert isinstance(pool, MathReward) and pool.timeout_s == 2.0
+        assert pool.batch_budget_s == 9.0
         results = pool.score_batch(
             ["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "4"], [{"data_source": "x"}] * 2
         )

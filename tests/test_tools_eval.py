@@ -190,7 +190,9 @@ def test_dapo_parquet_layout_with_prompt_template(workspace):
         [model_dir, "--data", path, "--output-dir", out, "-n", 2, "--max-new-tokens", 4]
         + ["--prompt-template", "dapo", "--pass-k", 1, 2]
     )
-    assert [p["problem_id"] for p in results["problems"]] == ["dapo.parquet#0", "dapo.parquet#1"]
+    assert [p["problem_id"] for p in results["problems"]] == [
+        f"{path.resolve()}#{i}" for i in (0, 1)
+    ]
     assert [r["ground_truth"] for r in read_samples(out)] == ["2", "2", "1", "1"]
     assert results["config"]["prompt_template"] == "dapo"
     assert set(results["overall"]) >= {"avg@2", "pass@1", "pass@2", "cons@2"}

@@ -8,10 +8,15 @@ Accepted row layouts (parquet or jsonl, one object per line):
 - AIME style (jsonl or parquet): ``problem`` (str) and ``answer`` (str or integer, e.g. 0-999).
 
 Every row is checked. A malformed one (a missing field, a wrong type, an empty prompt, a ground
-truth that is not a non-empty string) is reported with its file and row number and, by
-``on_malformed_row``, either skipped and counted ("skip") or raised ("error"); it never reaches
-the reward. A file that is missing, unreadable or of an unknown format raises :class:`DataError`
-naming it.
+truth that is not a non-empty string, a jsonl line or parquet string that is not valid UTF-8) is
+reported with its file and row number (and, for jsonl, its line) and, by ``on_malformed_row``,
+either skipped and counted ("skip") or raised ("error"); it never reaches the reward. A file that
+is missing, unreadable or of an unknown format raises :class:`DataError` naming it, and so does a
+file listed twice.
+
+Example ids are ``<resolved file path>#<row>``, so they are unique across all the files of a
+load (two files that share a basename in different folders included); rollout request ids are
+built from them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class PromptExample:
     """One prompt with its verifiable answer."""
 
     id: str
-    """``<file name>#<row>``: stable across runs, unique unless two files share a name."""
+    """``<resolved file path>#<row>``: unique across the files of a load, stable across runs."""
     messages: tuple[dict[str, str], ...]
     """Chat messages ``{"role", "content"}`` (a bare problem string becomes one user message)."""
     ground_truth: str
@@ -56,9 +61,19 @@ class MalformedRow:
     file: str
     row: int
     reason: str
+    line: int | None = None
+    """1-based line of a jsonl row (rows skip blank lines); None for parquet."""
 
     def __str__(self) -> str:
-        return f"{self.file}: row {self.row}: {self.reason}"
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: row {self.row}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """A record that could not be decoded (bad bytes, bad JSON); ``reason`` says how."""
+
+    reason: str
 
 
 @dataclass(slots=True)
@@ -67,6 +82,8 @@ class LoadReport:
 
     examples: list[PromptExample] = field(default_factory=list)
     malformed: list[MalformedRow] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    """Resolved path -> path as given, of every file read into this report (in order)."""
 
     @property
     def num_skipped(self) -> int:
@@ -88,7 +105,11 @@ def file_format(path: str | Path, declared: str | None = None) -> Literal["parqu
     return _FORMATS[suffix]  # type: ignore[return-value]
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+Record = tuple[int, int | None, Any]
+"""(row, jsonl line or None, the record or an :class:`_Unreadable`)."""
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -98,32 +119,65 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
         batches = pq.ParquetFile(path).iter_batches(batch_size=8192)
         row = 0
         for batch in batches:
-            for record in batch.to_pylist():
-                yield row, record
+            for record in _batch_records(batch):
+                yield row, None, record
                 row += 1
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yields (row, object); an undecodable line yields (row, JSONDecodeError)."""
+def _batch_records(batch: Any) -> list[Any]:
+    """The rows of a record batch as dicts; a row with a string that is not valid UTF-8 (parquet
+    does not enforce it) becomes an :class:`_Unreadable` naming the column, not a failed file."""
     try:
-        handle = path.open(encoding="utf-8")
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    records = []
+    for index in range(batch.num_rows):
+        row = batch.slice(index, 1)
+        try:
+            records.append(row.to_pylist()[0])
+        except UnicodeDecodeError as error:
+            bad = [name for name in row.schema.names if not _decodes(row.column(name))] or ["?"]
+            records.append(_Unreadable(f"column {bad[0]!r} is not valid UTF-8: {error.reason}"))
+    return records
+
+
+def _decodes(column: Any) -> bool:
+    try:
+        column.to_pylist()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    """Each non-blank line as (row, line, object); a line that is not UTF-8 or not JSON yields an
+    :class:`_Unreadable`, so one bad line is one malformed row, not a rejected file."""
+    try:
+        handle = path.open("rb")
     except OSError as error:
         raise DataError(f"{path}: cannot open: {error}") from None
     with handle:
         row = 0
-        try:
-            for line in handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start : error.start + 1].hex()
+                record: Any = _Unreadable(
+                    f"not valid UTF-8 (byte 0x{byte} at column {error.start + 1}): {error.reason}"
+                )
+            else:
                 if not line.strip():
                     continue
                 try:
-                    yield row, json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    yield row, error
-                row += 1
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text (is it really jsonl?): {error}") from None
+                    record = _Unreadable(f"invalid JSON: {error}")
+            yield row, line_number, record
+            row += 1
 
 
 def _lookup(row: Mapping[str, Any], dotted: str) -> Any:
@@ -192,10 +246,14 @@ def parse_row(
     index: int,
     prompt_key: str | None = None,
     answer_key: str | None = None,
+    id_prefix: str | None = None,
 ) -> PromptExample:
-    """One record -> :class:`PromptExample`; raises ValueError saying what is wrong with it."""
-    if isinstance(row, json.JSONDecodeError):
-        raise ValueError(f"invalid JSON: {row}")
+    """One record -> :class:`PromptExample`; raises ValueError saying what is wrong with it.
+
+    ``id_prefix``: the example id is ``<id_prefix>#<index>`` (default: ``file`` resolved).
+    """
+    if isinstance(row, _Unreadable):
+        raise ValueError(row.reason)
     if not isinstance(row, Mapping):
         raise ValueError(f"a row must be an object, got {type(row).__name__}")
     prompt_key, answer_key = _keys(row, prompt_key, answer_key)
@@ -208,8 +266,9 @@ def parse_row(
     data_source = row.get("data_source", os.path.splitext(name)[0])
     if not isinstance(data_source, str) or not data_source:
         raise ValueError(f"'data_source' must be a non-empty string, got {data_source!r:.80}")
+    prefix = os.path.realpath(file) if id_prefix is None else id_prefix
     return PromptExample(
-        id=f"{name}#{index}",
+        id=f"{prefix}#{index}",
         messages=messages,
         ground_truth=ground_truth,
         data_source=data_source,
@@ -238,14 +297,29 @@ def read_prompt_file(
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     report = LoadReport() if report is None else report
+    # Ids come from the resolved path, so a file read twice (listed twice, or once through a
+    # link or another relative path) would repeat every id: refuse it rather than guess whether
+    # the user meant verl's "concatenate" (double weight) or a slip.
+    resolved = os.path.realpath(path)
+    if resolved in report.files:
+        raise DataError(
+            f"{path}: data file listed twice (the same file as {report.files[resolved]!r}); "
+            "list each file once (to weight it more, copy it under another name)"
+        )
+    report.files[resolved] = str(path)
     records = _parquet_records(path) if kind == "parquet" else _jsonl_records(path)
-    for index, record in records:
+    for index, line, record in records:
         try:
             example = parse_row(
-                record, file=str(path), index=index, prompt_key=prompt_key, answer_key=answer_key
+                record,
+                file=str(path),
+                index=index,
+                prompt_key=prompt_key,
+                answer_key=answer_key,
+                id_prefix=resolved,
             )
         except ValueError as error:
-            bad = MalformedRow(str(path), index, str(error))
+            bad = MalformedRow(str(path), index, str(error), line)
             if on_malformed_row == "error":
                 raise DataError(f"malformed row: {bad} (data.on_malformed_row=error)") from None
             report.malformed.append(bad)

@@ -12,7 +12,9 @@ math-verify (sympy underneath) can run for seconds to forever on adversarial LaT
 brace groups already take seconds), and its own time limits use ``signal.alarm``, which only works
 in a main thread. So ``MathReward`` is a ``RewardPool`` (``pool.py``) whose workers run
 math-verify with its time limits off, under the pool's own per-sample deadline: a worker that
-overruns is killed (SIGKILL) and replaced, and the sample scores -1 with reason "timeout".
+overruns is killed (SIGKILL) and replaced, and the sample scores -1 with reason "timeout". A
+batch has a budget too (``batch_budget_s``): samples still unscored when it runs out score the
+same way, so a batch of hostile answers costs the budget, not num_samples x the deadline.
 Extraction and plain-integer comparisons are cheap and linear-time, so they stay in the calling
 process; only the math-verify comparison is sent to a worker.
 Errors raised inside math-verify score -1 with reason "error: <type>: <message>"; a worker that
@@ -164,6 +166,8 @@ class MathReward(RewardPool):
         num_workers: worker processes (each holds a sympy/math-verify interpreter, ~100 MB).
         timeout_s: per-sample deadline for math-verify, counted from the moment the sample is
             handed to a ready worker (worker start-up does not count against it).
+        batch_budget_s: time budget of one ``score_batch`` (see ``RewardPool``; None: 30
+            per-sample deadlines); samples still unscored when it runs out score "timeout".
         memory_limit_mb: address-space limit of each worker (None: no limit).
         start_timeout_s: how long a worker may take to start before RuntimeError.
     """
@@ -172,6 +176,7 @@ class MathReward(RewardPool):
         self,
         num_workers: int = 2,
         timeout_s: float = 5.0,
+        batch_budget_s: float | None = None,
         memory_limit_mb: int | None = 4096,
         start_timeout_s: float = 120.0,
     ) -> None:
@@ -179,6 +184,7 @@ class MathReward(RewardPool):
             f"{__name__}:_score_in_worker",
             num_workers=num_workers,
             timeout_s=timeout_s,
+            batch_budget_s=batch_budget_s,
             error_reward=-1.0,
             memory_limit_mb=memory_limit_mb,
             start_timeout_s=start_timeout_s,

@@ -10,6 +10,8 @@ by default, with correct=False):
 
 - the function raises            -> reason "error: <type>: <msg>" (SystemExit included)
 - it runs past ``timeout_s``     -> the worker is killed (SIGKILL) and replaced; reason "timeout"
+- the batch runs past ``batch_budget_s`` -> every sample not yet scored scores reason "timeout"
+  (busy workers killed and replaced), counted in ``last_budget_timeouts``
 - the worker dies (segfault, ...) -> it is replaced; reason "error: reward worker died (...)"
 - it returns a bool, a non-number or a non-finite number -> reason "error: TypeError/ValueError:
   reward function returned <the value> ..."
@@ -47,6 +49,12 @@ if TYPE_CHECKING:
     from megatron_fipo.config import RewardConfig
 
 _MAX_MESSAGE_CHARS = 200
+DEFAULT_BUDGET_PER_TIMEOUT = 30.0
+"""``batch_budget_s`` when not given: this many per-sample deadlines. An ordinary batch spends
+milliseconds per sample (math-verify on short answers; integer answers never reach a worker), so
+even thousands of samples end far inside it; 30 x num_workers samples could run to their full
+deadline before it applies. Without it a batch of hostile outputs would take
+num_samples * timeout_s / num_workers (384 samples at 5.7 s on one worker: 37 minutes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +256,10 @@ class RewardPool:
         num_workers: worker processes.
         timeout_s: per-sample deadline, counted from the moment the sample is handed to a ready
             worker (worker start-up does not count against it).
+        batch_budget_s: time budget of one ``score_batch`` / ``run_jobs`` call, counted from the
+            moment a worker is ready; when it runs out, every sample not yet scored scores as a
+            timeout (``last_budget_timeouts`` counts them). None: ``DEFAULT_BUDGET_PER_TIMEOUT *
+            timeout_s``. Must be >= ``timeout_s``.
         error_reward: the reward of a sample whose function raised, timed out or crashed.
         memory_limit_mb: address-space limit of each worker (None: no limit; libraries that
             reserve large virtual ranges, CUDA for one, fail under a limit).
@@ -262,14 +274,20 @@ class RewardPool:
         *,
         num_workers: int = 2,
         timeout_s: float = 5.0,
+        batch_budget_s: float | None = None,
         error_reward: float = -1.0,
         memory_limit_mb: int | None = None,
         start_timeout_s: float = 120.0,
         warmup: str | None = None,
     ) -> None:
-        _check_pool_arguments(function, num_workers, timeout_s, error_reward, memory_limit_mb)
+        if batch_budget_s is None:
+            batch_budget_s = DEFAULT_BUDGET_PER_TIMEOUT * timeout_s
+        _check_pool_arguments(
+            function, num_workers, timeout_s, batch_budget_s, error_reward, memory_limit_mb
+        )
         self.function = function
         self.timeout_s = float(timeout_s)
+        self.batch_budget_s = float(batch_budget_s)
         self.error_reward = float(error_reward)
         self.memory_limit_mb = memory_limit_mb
         self.start_timeout_s = float(start_timeout_s)
@@ -280,13 +298,18 @@ class RewardPool:
         self._workers: list[_Worker] = []
         self.num_restarts = 0
         """Workers killed and replaced so far (deadline overruns and crashes)."""
+        self.last_budget_timeouts = 0
+        """Samples of the latest batch scored as timeouts because the batch budget ran out
+        (the trainer logs it as ``reward/budget_timeouts``)."""
+        self.num_budget_timeouts = 0
+        """The same, summed over every batch so far."""
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
         try:
             for _ in range(num_workers):
                 self._workers.append(self._start_worker())
             # Wait for every handshake, so a bad path fails here, not at the first batch.
             while not all(worker.ready for worker in self._workers):
-                self._receive({}, deque())
+                self._receive({}, deque(), math.inf)
                 self._enforce_deadlines({})
         except BaseException:
             self._finalizer()
@@ -384,14 +407,34 @@ class RewardPool:
         self.num_restarts += 1
 
     def _run(self, pending: deque) -> dict[int, Outcome]:
-        """Feed pickled ``(index, message)`` jobs to ready workers until each has an outcome."""
+        """Feed pickled ``(index, message)`` jobs to ready workers until each has an outcome or
+        the batch budget runs out."""
         outcomes: dict[int, Outcome] = {}
         total = len(pending)
+        self.last_budget_timeouts = 0
+        budget_end = math.inf  # starts with the first ready worker, as a sample's deadline does
         while len(outcomes) < total:
+            if budget_end == math.inf and any(worker.ready for worker in self._workers):
+                budget_end = time.monotonic() + self.batch_budget_s
             self._dispatch(pending)
-            self._receive(outcomes, pending)
+            self._receive(outcomes, pending, budget_end)
             self._enforce_deadlines(outcomes)
+            if time.monotonic() >= budget_end:
+                self._end_batch(outcomes, pending)
         return outcomes
+
+    def _end_batch(self, outcomes: dict, pending: deque) -> None:
+        """The budget ran out: every job without an outcome times out (busy workers replaced)."""
+        expired = [index for index, _ in pending]
+        pending.clear()
+        for position, worker in enumerate(self._workers):
+            if worker.task_id is not None:
+                expired.append(worker.task_id)
+                self._replace(position)
+        for index in expired:
+            outcomes[index] = ("timeout", "batch budget")
+        self.last_budget_timeouts = len(expired)
+        self.num_budget_timeouts += len(expired)
 
     def _dispatch(self, pending: deque) -> None:
         for position, worker in enumerate(self._workers):
@@ -409,10 +452,14 @@ class RewardPool:
             worker.task_id = job[0]
             worker.deadline = time.monotonic() + self.timeout_s
 
-    def _receive(self, outcomes: dict, pending: deque) -> None:
+    def _receive(self, outcomes: dict, pending: deque, budget_end: float) -> None:
         """Wait until a message arrives or the nearest deadline passes; handle the messages."""
         nearest = min(
-            worker.deadline if worker.ready else worker.start_deadline for worker in self._workers
+            budget_end,
+            *(
+                worker.deadline if worker.ready else worker.start_deadline
+                for worker in self._workers
+            ),
         )
         timeout = None if nearest == math.inf else max(0.0, nearest - time.monotonic())
         readable = wait([worker.connection for worker in self._workers], timeout=timeout)
@@ -462,6 +509,7 @@ def _check_pool_arguments(
     function: str,
     num_workers: int,
     timeout_s: float,
+    batch_budget_s: float,
     error_reward: float,
     memory_limit_mb: int | None,
 ) -> None:
@@ -471,8 +519,12 @@ def _check_pool_arguments(
         raise ValueError(f"function {error}") from None
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s}")
+    if not (timeout_s <= batch_budget_s < math.inf):
+        raise ValueError(
+            f"batch_budget_s must be finite and >= timeout_s ({timeout_s}), got {batch_budget_s}"
+        )
     if not math.isfinite(error_reward):
         raise ValueError(f"error_reward must be finite, got {error_reward}")
     if memory_limit_mb is not None and memory_limit_mb < 256:
@@ -511,11 +563,17 @@ def _check_batch(
 
 def build_reward(config: RewardConfig) -> RewardPool:
     """The reward pool a config asks for: ``config.function`` (``"package.module:function"``)
-    in ``config.num_workers`` workers with ``config.timeout_s`` per sample, or the built-in
-    ``MathReward`` when ``config.function`` is None."""
+    in ``config.num_workers`` workers with ``config.timeout_s`` per sample and
+    ``config.batch_budget_s`` per batch, or the built-in ``MathReward`` when ``config.function``
+    is None."""
     # Imported here: math_reward imports this module (MathReward subclasses RewardPool).
     from megatron_fipo.rewards.math_reward import MathReward
 
+    limits = dict(
+        num_workers=config.num_workers,
+        timeout_s=config.timeout_s,
+        batch_budget_s=config.batch_budget_s,
+    )
     if config.function is None:
-        return MathReward(num_workers=config.num_workers, timeout_s=config.timeout_s)
-    return RewardPool(config.function, num_workers=config.num_workers, timeout_s=config.timeout_s)
+        return MathReward(**limits)
+    return RewardPool(config.function, **limits)

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_fipo.config import ConfigError, load_config, to_yaml
+from megatron_fipo.config import ConfigError, check_model_checkpoint, load_config, to_yaml
 
 # Exceptions that mean "your input is wrong", reported as one line before Ray starts. Anything
 # else is a bug (or a failure inside the run) and keeps its traceback.
@@ -77,8 +77,7 @@ def _train(config, quiet: bool) -> int:
     lock = RunLock(output)
     inputs = None
     try:
-        check_model = _check_model_checkpoint()
-        check_model(config)
+        check_model_checkpoint(config)
         lock.acquire()
         # Sizes only here (cheap); the training ranks hash the contents when they load.
         select_checkpoint(output, config.trainer.resume, report=_say)
@@ -108,13 +107,6 @@ def _train(config, quiet: bool) -> int:
             "--resume auto"
         )
     return 0
-
-
-def _check_model_checkpoint():
-    """The config-vs-checkpoint check (architecture, positions), when this version has it."""
-    from megatron_fipo import config as config_module
-
-    return getattr(config_module, "check_model_checkpoint", lambda config: None)
 
 
 def _say(message: str) -> None:

@@ -44,6 +44,8 @@ class RunComponents:
     reward: Any
     stop_token_ids: tuple[int, ...]
     quiet: bool = False
+    budget_timeouts: int = 0
+    """Samples the reward pool's per-batch budget cut off so far (scored as timeouts)."""
 
     def digest_files(self, root: Path, names: Sequence[str]) -> dict[str, FileDigest]:
         """Size and sha256 (and fsync) of ``root/name`` for every name, shared round-robin over
@@ -74,7 +76,9 @@ class RunComponents:
             self.tokenizer.decode(s.response_token_ids, skip_special_tokens=True) for s in samples
         ]
         extras = [{"data_source": e.data_source} for e in examples]
-        return self.reward.score_batch(texts, [e.ground_truth for e in examples], extras)
+        results = self.reward.score_batch(texts, [e.ground_truth for e in examples], extras)
+        self.budget_timeouts += self.reward.last_budget_timeouts
+        return results
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
         """One progress line per step on stderr."""

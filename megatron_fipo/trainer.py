@@ -118,8 +118,11 @@ class Trainer:
         timer = _PhaseTimer(
             lambda phase: self.progress.set_description(f"step {self.step + 1}: {phase}")
         )
+        cut_off = self.parts.budget_timeouts
         with timer("generate"):
             groups, metrics = self.collect_groups()
+        # Samples scored as timeouts because a batch ran out of reward.batch_budget_s.
+        metrics["reward/budget_timeouts"] = float(self.parts.budget_timeouts - cut_off)
         batch = self.actor_batch(groups)
         with timer("old_log_probs"):
             shared = self.parts.put(batch)

@@ -131,3 +131,23 @@ def test_sequence_parallel_needs_the_te_spec():
         transformer_config_from_hf(hf, parallel, spec="local")
     with pytest.raises(ValueError, match="sequence_parallel needs tensor_parallel >= 2"):
         ParallelConfig(sequence_parallel=True)
+
+
+def test_rope_base_and_scaling_from_transformers_5_configs():
+    """transformers 5 keeps the RoPE base in ``rope_parameters`` (no ``rope_theta`` attribute):
+    a Qwen2.5-style base of 1e6 must reach Megatron, not the 10000 fallback."""
+    from transformers import AutoConfig
+
+    from megatron_fipo.megatron.model import rope_theta
+
+    fields = {k: v for k, v in QWEN.items() if k != "model_type"}
+    config = AutoConfig.for_model("qwen2", **fields)
+    assert rope_theta(config) == 1e6
+    assert rope_theta(config.to_dict()) == 1e6  # what a transformers-5 config.json holds
+    assert rope_theta({"model_type": "qwen2"}) == 10000.0
+    assert rope_scaling_factor(config) is None
+    scaled = {
+        "model_type": "llama",
+        "rope_parameters": {**LLAMA["rope_scaling"], "rope_theta": 5e5},
+    }
+    assert rope_scaling_factor(scaled) == 8.0 and rope_theta(scaled) == 5e5

@@ -133,6 +133,7 @@ def test_run_kill_resume_matches_uninterrupted(run_args, straight):
     last = records[-1]
     assert "eval/greedy_accuracy" in last and "fipo/weight_mean" in last
     assert last["actor/num_optimizer_steps"] == 2.0
+    assert last["reward/budget_timeouts"] == 0.0  # per-sample deadlines only, no budget cut
     assert last["rollout/weights_version"] == STEPS  # initial sync + one per step, pre-sync value
     assert list((straight_dir / "tensorboard").glob("events.out.tfevents.*"))
     # oversampled groups kept for later: some step trains on the held surplus alone

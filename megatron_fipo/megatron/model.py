@@ -55,17 +55,32 @@ def _model_type(hf_config: Any) -> str:
     return model_type
 
 
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """RoPE settings wherever the config keeps them: transformers 5 keeps a ``rope_parameters``
+    dict (``rope_theta``, ``rope_type``, scaling fields) and no ``rope_theta`` attribute; older
+    configs have top-level ``rope_theta`` and ``rope_scaling``. Top-level values win."""
+    merged = dict(hf_value(hf_config, "rope_parameters") or {})
+    merged.update(hf_value(hf_config, "rope_scaling") or {})
+    theta = hf_value(hf_config, "rope_theta")
+    if theta is not None:
+        merged["rope_theta"] = theta
+    return merged
+
+
+def rope_theta(hf_config: Any) -> float:
+    """The RoPE base (10000 when the config states none, as in transformers)."""
+    return float(rope_parameters(hf_config).get("rope_theta", 10000.0))
+
+
 def rope_scaling_factor(hf_config: Any) -> float | None:
     """Llama-3 RoPE scaling factor, None without scaling; ValueError for other schemes.
 
     Megatron's built-in scaling is the Llama-3.1 rule with low/high frequency factors 1 / 4 and
     8192 original positions, so only that exact rule is accepted.
     """
-    scaling = hf_value(hf_config, "rope_scaling")
-    if not scaling:
-        return None
+    scaling = {k: v for k, v in rope_parameters(hf_config).items() if k != "rope_theta"}
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type == "default":
+    if not scaling or rope_type == "default":
         return None
     expected = {
         "low_freq_factor": 1.0,
@@ -236,7 +251,7 @@ def build_gpt_model(
         parallel_output=True,
         share_embeddings_and_output_weights=bool(hf_value(hf_config, "tie_word_embeddings", False)),
         position_embedding_type="rope",
-        rotary_base=int(hf_value(hf_config, "rope_theta", 10000)),
+        rotary_base=int(rope_theta(hf_config)),
         rope_scaling=scaling is not None,
         rope_scaling_factor=scaling or 8.0,
         vp_stage=vp_stage,

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
             print("OK")
-    except ConversionError as error:
+    except (ConversionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -142,8 +142,14 @@ def _worker(rank: int, world_size: int, port: int, config: VerifyConfig, result_
     from megatron_fipo.megatron import distributed as dist_lib
 
     dist_lib.set_local_world_env(rank, world_size, port)
-
-    result = verify_in_process(config)
+    try:
+        result = verify_in_process(config)
+    except Exception as error:
+        # One line for the parent to report; raising then makes mp.spawn stop the other ranks
+        # (they may be blocked in a collective with this one).
+        message = f"rank {rank}: {type(error).__name__}: {' '.join(str(error).split())[:500]}"
+        Path(result_path + f".error{rank}").write_text(message)
+        raise
     if rank == 0:
         Path(result_path).write_text(json.dumps(asdict(result)))
     dist_lib.destroy(process_group=True)
@@ -158,8 +164,30 @@ def verify(config: VerifyConfig) -> VerifyResult:
     for path in (config.hf_dir, config.megatron_dir):
         if not Path(path).is_dir():
             raise ConversionError(f"no such directory: {path}")
+    hf_config = _model_config(config)  # a missing or unreadable config.json is named here
+    for name, size in (
+        ("num_attention_heads", config.tensor_parallel),
+        ("num_key_value_heads", config.tensor_parallel),
+        ("num_hidden_layers", config.pipeline_parallel),
+    ):
+        if int(hf_config.get(name, size)) % size:
+            raise ConversionError(
+                f"--tp {config.tensor_parallel} --pp {config.pipeline_parallel}: the model's "
+                f"{name} ({hf_config[name]}) is not divisible by {size}"
+            )
+    if not (Path(config.megatron_dir) / ".metadata").is_file():
+        raise ConversionError(
+            f"{config.megatron_dir} is not a Megatron torch_dist checkpoint (no .metadata)"
+        )
     world_size = config.tensor_parallel * config.pipeline_parallel
     with tempfile.TemporaryDirectory() as scratch:
         result_path = os.path.join(scratch, "result.json")
-        mp.spawn(_worker, args=(world_size, free_port(), config, result_path), nprocs=world_size)
+        try:
+            mp.spawn(
+                _worker, args=(world_size, free_port(), config, result_path), nprocs=world_size
+            )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+            reports = sorted(Path(scratch).glob("result.json.error*"))
+            reason = reports[0].read_text() if reports else " ".join(str(error).split())[:500]
+            raise ConversionError(f"verify failed: {reason}") from None
         return VerifyResult(**json.loads(Path(result_path).read_text()))

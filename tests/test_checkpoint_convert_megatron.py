@@ -215,3 +215,28 @@ def test_cli_verify_exit_codes(converted, capsys):
     wrong = converted["llama"][1]
     assert main(["verify", "--hf-dir", str(hf_dir), "--megatron-dir", str(wrong)]) == 1
     assert "above tolerance" in capsys.readouterr().err
+
+
+def test_cli_verify_reports_bad_input_in_one_line(converted, tmp_path, capsys):
+    """A directory that is not a dist checkpoint, a layout the model cannot split and a
+    checkpoint that fails to load end in one line and exit status 2, not a traceback."""
+    from checkpoint_convert.__main__ import main
+
+    hf_dir, megatron_dir = converted["qwen2"]
+    heads = json.loads((Path(hf_dir) / "config.json").read_text())["num_attention_heads"]
+    other = tmp_path / "empty"
+    other.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in Path(megatron_dir).iterdir():  # the metadata but none of the tensors' files
+        if item.name == ".metadata" or item.suffix == ".json":
+            (broken / item.name).write_bytes(item.read_bytes())
+    cases = [
+        (["--megatron-dir", str(other)], "is not a Megatron torch_dist checkpoint"),
+        (["--megatron-dir", str(megatron_dir), "--tp", str(heads + 1)], "is not divisible by"),
+        (["--megatron-dir", str(broken)], "verify failed: rank 0:"),
+    ]
+    for args, message in cases:
+        assert main(["verify", "--hf-dir", str(hf_dir), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err), err

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_fipo.algorithms import advantages as adv_lib
+from megatron_fipo.batch import ActorBatch
 from megatron_fipo.config import FipoConfig, to_dict, to_yaml
 from megatron_fipo.data.sampler import GroupBuffer
 from megatron_fipo.metrics_log import MetricsLogger
@@ -124,12 +125,8 @@ class Trainer:
         # Samples scored as timeouts because a batch ran out of reward.batch_budget_s.
         metrics["reward/budget_timeouts"] = float(self.parts.budget_timeouts - cut_off)
         batch = self.actor_batch(groups)
-        with timer("old_log_probs"):
-            shared = self.parts.put(batch)
-            batch.old_log_probs = self.parts.workers.run_all("compute_log_probs", shared)[0]
-        metrics.update(_engine_agreement(groups, batch))
-        with timer("train"):
-            metrics.update(self.update(batch, groups))
+        with timer("train"):  # old log-probs and the optimizer steps, on the training ranks
+            metrics.update(self.train(batch, len(groups[0].samples)))
         with timer("sync_weights"):
             self.sync_weights()
         metrics.update(timer.metrics())
@@ -221,8 +218,6 @@ class Trainer:
 
     def actor_batch(self, groups: list[ResponseGroup]) -> Any:
         """Sequences, lengths and GRPO advantages (+ overlong shaping) of ``groups``."""
-        from megatron_fipo.megatron.actor import ActorBatch
-
         rollout, algo = self.config.rollout, self.config.algorithm
         samples = [s for g in groups for s in g.samples]
         rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
@@ -238,23 +233,25 @@ class Trainer:
         advantages = adv_lib.grpo_advantages(
             rewards, group_ids, norm_by_std=algo.norm_adv_by_std, eps=algo.adv_epsilon
         )
+        engine_log_probs = torch.zeros(len(samples), int(lengths.max()))
+        for row, sample in enumerate(samples):
+            engine_log_probs[row, : len(sample.log_probs)] = torch.tensor(sample.log_probs)
         return ActorBatch(
             input_ids=[torch.tensor(s.prompt_token_ids + s.response_token_ids) for s in samples],
             prompt_lengths=torch.tensor([len(s.prompt_token_ids) for s in samples]),
             response_lengths=lengths,
             advantages=advantages,
+            rollout_log_probs=engine_log_probs,
         )
 
-    def update(self, batch: Any, groups: list[ResponseGroup]) -> dict[str, float]:
-        """``ppo_epochs`` passes of mini-batch optimizer steps; metrics averaged over steps."""
-        per_group = len(groups[0].samples)
-        rows_per_step = self.config.data.ppo_mini_batch_size * per_group
-        history: list[dict[str, float]] = []
-        for _ in range(self.config.algorithm.ppo_epochs):
-            for start in range(0, len(batch.input_ids), rows_per_step):
-                mini_batch = self.parts.put(_rows(batch, start, rows_per_step))
-                history.append(self.parts.workers.run_all("train_step", mini_batch)[0])
-        return _average(history)
+    def train(self, batch: Any, group_size: int) -> dict[str, float]:
+        """Hand the batch over once; the training ranks compute old log-probs, cut the
+        ``ppo_mini_batch_size``-prompt mini-batches and run ``ppo_epochs`` passes of optimizer
+        steps themselves (``TrainWorker.train_rollout``); only metrics come back."""
+        rows = self.config.data.ppo_mini_batch_size * group_size
+        shared = self.parts.put(batch)
+        epochs = self.config.algorithm.ppo_epochs
+        return self.parts.workers.run_all("train_rollout", shared, rows, epochs)[0]
 
     def sync_weights(self, bump: bool = True) -> None:
         self.version += int(bump)
@@ -368,20 +365,6 @@ def _with_seed(sampling: SamplingParams, seed: int, tag: str, index: int, j: int
     )
 
 
-def _rows(batch: Any, start: int, count: int) -> Any:
-    from megatron_fipo.megatron.actor import ActorBatch
-
-    rows = slice(start, start + count)
-    width = int(batch.response_lengths[rows].max())
-    return ActorBatch(
-        input_ids=batch.input_ids[rows],
-        prompt_lengths=batch.prompt_lengths[rows],
-        response_lengths=batch.response_lengths[rows],
-        old_log_probs=batch.old_log_probs[rows, :width],
-        advantages=batch.advantages[rows],
-    )
-
-
 def _rollout_metrics(groups: list[ResponseGroup]) -> dict[str, float]:
     samples = [s for g in groups for s in g.samples]
     lengths = [len(s.response_token_ids) for s in samples]
@@ -397,32 +380,3 @@ def _rollout_metrics(groups: list[ResponseGroup]) -> dict[str, float]:
         "rollout/solve_none": sum(not any(g.correct) for g in groups) / len(groups),
         "rollout/solve_all": sum(all(g.correct) for g in groups) / len(groups),
     }
-
-
-def _engine_agreement(groups: list[ResponseGroup], batch: Any) -> dict[str, float]:
-    """How far the engine's sampled-token log-probs are from the actor's recomputed ones (a
-    weight-sync or numerics problem shows here first; FIPO itself uses the actor's)."""
-    diffs = [
-        (torch.tensor(sample.log_probs) - batch.old_log_probs[row, : len(sample.log_probs)]).abs()
-        for row, sample in enumerate(s for g in groups for s in g.samples)
-    ]
-    flat = torch.cat(diffs)
-    return {
-        "rollout/logprob_diff_mean": float(flat.mean()),
-        "rollout/logprob_diff_max": float(flat.max()),
-    }
-
-
-def _average(history: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over optimizer steps; ``*_max`` / ``*_min`` keys take the extreme instead."""
-    out: dict[str, float] = {}
-    for key in history[0]:
-        values = [h[key] for h in history if key in h]
-        if key.endswith("_max"):
-            out[key] = max(values)
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        else:
-            out[key] = sum(values) / len(values)
-    out["actor/num_optimizer_steps"] = float(len(history))
-    return out

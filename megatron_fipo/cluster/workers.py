@@ -11,6 +11,7 @@ actors; weights reach them from training rank 0 bucket by bucket through the Ray
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -99,55 +100,47 @@ class TrainWorker:
             ),
         )
 
-    def _data_parallel_share(self, batch: Any) -> Any:
+    def train_rollout(self, batch: Any, mini_batch_rows: int, ppo_epochs: int) -> dict[str, float]:
+        """The whole training phase of a step on this rank: old log-probs, then ``ppo_epochs``
+        passes of one optimizer step per ``mini_batch_rows`` consecutive rows of ``batch``.
+
+        ``batch`` (an :class:`ActorBatch`, or a Ray ref to it: one copy per node) is handed over
+        once; this rank keeps its data-parallel share of every mini-batch (token balanced,
+        :func:`balanced_partition`) and computes old log-probs for exactly those rows, so no
+        log-prob crosses a process. Returns metrics (the same on every rank): the optimizer
+        steps' averages, the engine-vs-actor log-prob agreement, and the old log-prob time.
+        """
         import ray
         from megatron.core import parallel_state
 
-        from megatron_fipo.megatron.actor import ActorBatch
+        from megatron_fipo.batch import balanced_partition
 
-        if isinstance(batch, ray.ObjectRef):  # one copy per node, shared by its ranks
+        if isinstance(batch, ray.ObjectRef):
             batch = ray.get(batch)
-        size = parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank()
-        rows = list(range(rank, len(batch.input_ids), size))
-
-        def take(value):
-            return None if value is None else value[rows]
-
-        return (
-            ActorBatch(
-                input_ids=[batch.input_ids[i] for i in rows],
-                prompt_lengths=batch.prompt_lengths[rows],
-                response_lengths=batch.response_lengths[rows],
-                old_log_probs=take(batch.old_log_probs),
-                advantages=take(batch.advantages),
-                loss_config=batch.loss_config,
-            ),
-            rows,
-            batch,
-        )
-
-    def compute_log_probs(self, batch: Any) -> torch.Tensor | None:
-        """``[B, T_resp]`` log-probs of the whole batch, assembled on rank 0 (None elsewhere)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
-        share, rows, batch = self._data_parallel_share(batch)
-        local = self.actor.compute_log_probs(share)
-        width = int(batch.response_lengths.max())
-        group = parallel_state.get_data_parallel_group()
-        pieces = [None] * parallel_state.get_data_parallel_world_size()
-        dist.all_gather_object(pieces, (rows, local), group=group)
-        if dist.get_rank() != 0:
-            return None
-        result = torch.zeros(len(batch.input_ids), width)
-        for piece_rows, values in pieces:
-            result[piece_rows, : values.shape[1]] = values
-        return result
-
-    def train_step(self, batch: Any) -> dict[str, float]:
-        share, _, _ = self._data_parallel_share(batch)
-        return self.actor.train_step(share)
+        dp_size = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        mini_batches = [
+            range(start, min(start + mini_batch_rows, len(batch)))
+            for start in range(0, len(batch), mini_batch_rows)
+        ]
+        shares = []  # this rank's rows of each mini-batch, as positions in `mine`
+        mine: list[int] = []
+        for rows in mini_batches:
+            part = balanced_partition(batch.lengths[list(rows)], dp_size)[dp_rank]
+            shares.append(list(range(len(mine), len(mine) + len(part))))
+            mine.extend(rows[i] for i in part)
+        local = batch.select(mine)
+        start = time.perf_counter()
+        local.old_log_probs = self.actor.compute_log_probs(local)
+        metrics = {"time/old_log_probs_s": time.perf_counter() - start}
+        metrics.update(_engine_agreement(local))
+        history = [
+            self.actor.train_step(local.select(share))
+            for _ in range(ppo_epochs)
+            for share in shares
+        ]
+        metrics.update(average_steps(history))
+        return metrics
 
     def sync_weights(self, engines: RemoteEngines | None, version: int) -> int:
         """All ranks: gather HF-named tensors; rank 0 streams them to the engines."""
@@ -169,6 +162,47 @@ class TrainWorker:
 
     def num_parameters(self) -> int:
         return sum(shard.tensor.numel() for shard in self.actor.named_parameters_for_sync())
+
+
+def _engine_agreement(batch: Any) -> dict[str, float]:
+    """How far the engine's sampled-token log-probs are from the actor's recomputed ones, over
+    every data-parallel rank's rows (a weight-sync or numerics problem shows here first; FIPO
+    itself uses the actor's)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if batch.rollout_log_probs is None:
+        return {}
+    width = batch.old_log_probs.shape[1]
+    valid = torch.arange(width) < batch.response_lengths[:, None]
+    diff = (batch.rollout_log_probs[:, :width] - batch.old_log_probs).abs()
+    diff = torch.where(valid, diff, 0.0).double()
+    totals = torch.stack([diff.sum(), valid.sum().double()])
+    largest = diff.max().reshape(1)
+    device = batch.old_log_probs.device
+    totals, largest = totals.to(device), largest.to(device)
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(totals, group=group)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    return {
+        "rollout/logprob_diff_mean": float(totals[0] / totals[1].clamp(min=1)),
+        "rollout/logprob_diff_max": float(largest[0]),
+    }
+
+
+def average_steps(history: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over optimizer steps; ``*_max`` / ``*_min`` keys take the extreme instead."""
+    out: dict[str, float] = {}
+    for key in history[0]:
+        values = [h[key] for h in history if key in h]
+        if key.endswith("_max"):
+            out[key] = max(values)
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        else:
+            out[key] = sum(values) / len(values)
+    out["actor/num_optimizer_steps"] = float(len(history))
+    return out
 
 
 class EngineWorker:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from megatron_fipo.algorithms import metrics as metric_utils
 from megatron_fipo.algorithms.losses import PolicyLossConfig, compute_policy_loss
+from megatron_fipo.batch import ActorBatch
 from megatron_fipo.megatron import checkpoint, context_parallel
 from megatron_fipo.megatron import model as model_lib
 from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
@@ -151,22 +152,32 @@ class ActorOptimizerConfig:
             )
 
 
-@dataclass(kw_only=True)
-class ActorBatch:
-    """This DP rank's sequences (every TP / PP / CP rank of the DP group passes the same batch).
+@dataclass(kw_only=True, slots=True)
+class MicroBatch:
+    """One micro-batch as this CP rank feeds it to the model and the loss (device tensors).
 
-    ``input_ids``: B 1-D tensors, prompt followed by response; ``prompt_lengths`` /
-    ``response_lengths``: ``[B]``; ``old_log_probs``: ``[B, T_resp]`` (train only);
-    ``advantages``: ``[B]`` or ``[B, T_resp]`` (train only). ``T_resp`` >= the longest response.
+    ``tokens`` / ``position_ids`` / ``targets``: ``[mbs, S_local]`` (targets: the next token
+    of each position); the training fields are label aligned ``[mbs, S_local]``; ``rows``: the
+    sequences' rows in the actor's batch (>= its size: fixed-size padding rows).
     """
 
-    input_ids: list[torch.Tensor]
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """Causal mask for Megatron's local softmax (CP = 1); None when our CP attention masks."""
+    targets: torch.Tensor
+    layout: context_parallel.SequenceLayout
+    cp_group: Any
     prompt_lengths: torch.Tensor
     response_lengths: torch.Tensor
+    response_mask: torch.Tensor | None = None
     old_log_probs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
-    loss_config: PolicyLossConfig | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    future_sum_fn: Any = None
+    """The CP reverse scan (None: one rank holds the whole sequence)."""
+    sequence_sum_fn: Any = None
+    """The CP per-sequence sum (None with CP = 1)."""
 
 
 class MegatronActor:
@@ -280,7 +291,7 @@ class MegatronActor:
         return optimizer, scheduler
 
     # ---------------------------------------------------------------- schedule plumbing
-    def _micro_batches(self, batch: ActorBatch, with_training_data: bool) -> list[dict]:
+    def _micro_batches(self, batch: ActorBatch, with_training_data: bool) -> list[MicroBatch]:
         """Splits ``batch`` into micro-batches laid out for this CP rank (see module doc)."""
         from megatron.core import parallel_state
 
@@ -303,11 +314,12 @@ class MegatronActor:
         )
         for rows, common in plan:
             micro = self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
-            micro["rows"] = rows
             micro_batches.append(micro)
         return micro_batches
 
-    def _micro_batch(self, padded, rows, common, cp_rank, cp_group, with_training_data) -> dict:
+    def _micro_batch(
+        self, padded, rows, common, cp_rank, cp_group, with_training_data
+    ) -> MicroBatch:
         lengths = padded["lengths"][rows]
         width = min(common, padded["input_ids"].shape[1])  # the group's columns only
         layout = context_parallel.SequenceLayout(
@@ -326,10 +338,10 @@ class MegatronActor:
         )
         local_length = cp_batch.tokens.shape[1]
         device = self.device
-        micro = dict(
+        micro = MicroBatch(
+            rows=rows,
             tokens=cp_batch.tokens.to(device),
             position_ids=cp_batch.position_ids.to(device),
-            # The local spec's softmax needs the causal mask; our CP attention builds its own.
             attention_mask=model_lib.causal_attention_mask(local_length, device)
             if self.parallel.context_parallel == 1
             else None,
@@ -343,19 +355,17 @@ class MegatronActor:
         if with_training_data and cp_group is not None:
             from megatron_fipo.megatron.cp_scan import make_cp_future_sum, make_cp_sequence_sum
 
-            micro["future_sum_fn"] = make_cp_future_sum(layout, cp_group)
-            micro["sequence_sum_fn"] = make_cp_sequence_sum(layout, cp_group)
+            micro.future_sum_fn = make_cp_future_sum(layout, cp_group)
+            micro.sequence_sum_fn = make_cp_sequence_sum(layout, cp_group)
         return micro
 
-    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool) -> list:
+    def _run_schedule(self, micro_batches: list[MicroBatch], loss_func, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        def forward_step(data_iterator: Iterator[dict], model_chunk):
+        def forward_step(data_iterator: Iterator[MicroBatch], model_chunk):
             micro = next(data_iterator)
             with model_lib.hidden_states_only(model_chunk):
-                hidden = model_chunk(
-                    micro["tokens"], micro["position_ids"], micro["attention_mask"]
-                )
+                hidden = model_chunk(micro.tokens, micro.position_ids, micro.attention_mask)
             return hidden, functools.partial(loss_func, micro, model_chunk)
 
         return get_forward_backward_func()(
@@ -363,12 +373,12 @@ class MegatronActor:
             data_iterator=[iter(micro_batches) for _ in self.model],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0]["tokens"].shape[1],
-            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=micro_batches[0].tokens.shape[0],
             forward_only=forward_only,
         )
 
-    def _token_log_probs(self, micro: dict, model_chunk, hidden: torch.Tensor):
+    def _token_log_probs(self, micro: MicroBatch, model_chunk, hidden: torch.Tensor):
         """Log-probs and entropy ``[mbs, S_local]`` of each position's next token."""
         sequence_parallel = self.transformer_config.sequence_parallel
         if sequence_parallel:
@@ -380,7 +390,7 @@ class MegatronActor:
         log_probs, entropy = chunked_log_probs(
             hidden,
             model_lib.output_weight(model_chunk),
-            micro["targets"].t(),
+            micro.targets.t(),
             temperature=self.config.temperature,
             chunk_size=self.config.logprob_chunk_size,
             vocab_size=self.vocab_size,
@@ -407,7 +417,7 @@ class MegatronActor:
         return self._collect_responses(outputs, micro_batches, batch)
 
     def _collect_responses(
-        self, outputs: list, micro_batches: list[dict], batch: ActorBatch
+        self, outputs: list, micro_batches: list[MicroBatch], batch: ActorBatch
     ) -> torch.Tensor:
         from megatron.core import parallel_state
 
@@ -416,8 +426,8 @@ class MegatronActor:
         result = torch.zeros(num_sequences, width, dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for micro, values in zip(micro_batches, outputs):
-                keep = micro["rows"] < num_sequences  # not the fixed-size padding rows
-                result[micro["rows"][keep].to(self.device)] = values[keep.to(values.device)]
+                keep = micro.rows < num_sequences  # not the fixed-size padding rows
+                result[micro.rows[keep].to(self.device)] = values[keep.to(values.device)]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(
                 result,
@@ -465,16 +475,16 @@ class MegatronActor:
 
     def _train_loss(self, loss_config, num_tokens, micro, model_chunk, hidden):
         log_probs, entropy = self._token_log_probs(micro, model_chunk, hidden)
-        mask = micro["response_mask"]
+        mask = micro.response_mask
         loss, stats = compute_policy_loss(
             log_probs,
-            micro["old_log_probs"],
-            micro["advantages"],
+            micro.old_log_probs,
+            micro.advantages,
             mask,
             loss_config,
             num_tokens=num_tokens,
-            future_sum_fn=micro.get("future_sum_fn"),
-            sequence_sum_fn=micro.get("sequence_sum_fn"),
+            future_sum_fn=micro.future_sum_fn,
+            sequence_sum_fn=micro.sequence_sum_fn,
         )
         if loss_config.entropy_coeff:
             # Entropy bonus, aggregated like the policy loss: sum over response tokens / the
@@ -650,18 +660,18 @@ def _training_tensors(batch, prompt, response, num_rows, total) -> dict[str, tor
     return out
 
 
-def _response_columns(local_values: torch.Tensor, micro: dict, width: int) -> torch.Tensor:
+def _response_columns(local_values: torch.Tensor, micro: MicroBatch, width: int) -> torch.Tensor:
     """Label-aligned local ``[mbs, S_local]`` values -> ``[mbs, width]`` per response token.
 
     Gathers over the CP group (rows of the global sequence on every CP rank) and shifts so
     that column ``j`` is the value for response token ``j`` (predicted at position
     ``prompt + j - 1``); 0 past each response.
     """
-    layout = micro["layout"]
+    layout = micro.layout
     full = context_parallel.gather_to_global(
-        local_values, layout, layout.padded_lengths[0], micro["cp_group"], shift_to_tokens=True
+        local_values, layout, layout.padded_lengths[0], micro.cp_group, shift_to_tokens=True
     )
     column = torch.arange(width, device=full.device)
-    positions = (micro["prompt_lengths"][:, None] + column).clamp(max=full.shape[1] - 1)
-    valid = column < micro["response_lengths"][:, None]
+    positions = (micro.prompt_lengths[:, None] + column).clamp(max=full.shape[1] - 1)
+    valid = column < micro.response_lengths[:, None]
     return torch.where(valid, full.gather(1, positions), 0.0)

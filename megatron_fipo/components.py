@@ -23,7 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from megatron_fipo.cluster.workers import EngineWorker, RemoteEngines, TrainWorker, hf_config_of
+from megatron_fipo.cluster.engine_links import colocated_routes
+from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
 from megatron_fipo.config import FipoConfig
 from megatron_fipo.data.prompts import load_from_config
 from megatron_fipo.data.sampler import PromptDataLoader
@@ -40,7 +41,6 @@ class RunComponents:
     eval_prompts: list
     workers: Any  # RayActorGroup of TrainWorker
     engines: Any  # RayActorGroup of EngineWorker
-    remote_engines: RemoteEngines
     reward: Any
     stop_token_ids: tuple[int, ...]
     quiet: bool = False
@@ -201,6 +201,8 @@ def build_components(
     engines = RayActorGroup.engines(
         EngineWorker, placement, worker_args=(config, hf_config), env=threads
     )
+    routes = colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors)
+    workers.run_each("connect_engine", [(route,) for route in routes])
     return RunComponents(
         config=config,
         tokenizer=inputs.tokenizer,
@@ -208,7 +210,6 @@ def build_components(
         eval_prompts=inputs.eval_prompts,
         workers=workers,
         engines=engines,
-        remote_engines=RemoteEngines(engines.actors, config.rollout.weight_sync_bucket_bytes),
         reward=inputs.reward,
         stop_token_ids=inputs.stop_token_ids,
         quiet=quiet,

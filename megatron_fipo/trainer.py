@@ -255,7 +255,7 @@ class Trainer:
 
     def sync_weights(self, bump: bool = True) -> None:
         self.version += int(bump)
-        self.parts.workers.run_all("sync_weights", self.parts.remote_engines, self.version)
+        self.parts.workers.run_all("sync_weights", self.version)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy: greedy (one response) and sampled (avg@n)."""

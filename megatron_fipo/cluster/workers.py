@@ -2,17 +2,18 @@
 engine (:class:`EngineWorker`).
 
 Training ranks hold a :class:`MegatronActor` and a :class:`WeightSync`; every method is called
-on all ranks together (:meth:`RayActorGroup.run_all`). Each rank receives the whole batch (one
-Ray object, fetched once per node) and takes its own data-parallel share. Engines are separate
-actors; weights reach them from training rank 0 bucket by bucket through the Ray object store
-(:class:`RemoteEngines`), so peak extra memory stays about one bucket.
+on all ranks together (:meth:`RayActorGroup.run_all`). A step's batch arrives once (one Ray
+object, fetched once per node) and each rank runs the whole training phase on its share
+(:meth:`TrainWorker.train_rollout`). After it, every rank hands the full weights to the engine
+process on its own device (:mod:`megatron_fipo.cluster.engine_links`), bucket by bucket and by
+reference, so peak extra memory stays about one bucket and no weight crosses the driver.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,6 +93,7 @@ class TrainWorker:
         )
         if init_checkpoint:
             self.actor.load(init_checkpoint, load_optimizer=False)
+        self.link = None
         self.weight_sync = WeightSync(
             self.actor.named_parameters_for_sync,
             self.hf_config,
@@ -142,11 +144,16 @@ class TrainWorker:
         metrics.update(average_steps(history))
         return metrics
 
-    def sync_weights(self, engines: RemoteEngines | None, version: int) -> int:
-        """All ranks: gather HF-named tensors; rank 0 streams them to the engines."""
-        import torch.distributed as dist
+    def connect_engine(self, route: Any) -> None:
+        """Remember where this rank's weights go (an :class:`EngineRoute` from the driver)."""
+        from megatron_fipo.cluster.engine_links import RayEngineLink
 
-        return self.weight_sync.sync(engines if dist.get_rank() == 0 else None, version)
+        self.link = None if route.engine is None else RayEngineLink(route.handle)
+
+    def sync_weights(self, version: int) -> int:
+        """All ranks together: every rank gets each full HF-named bucket and hands it to the
+        engine process on its own device (``connect_engine``)."""
+        return self.weight_sync.push(self.link, version)
 
     def save(self, path: str) -> None:
         self.actor.save(path)
@@ -231,13 +238,15 @@ class EngineWorker:
     def generate(self, requests: Sequence[Any]) -> list[Any]:
         return self.engine.generate(requests)
 
-    def update_weights(self, named_tensors: Any, version: int) -> None:
-        """``named_tensors``: a list of (HF name, tensor), or a Ray reference to one."""
-        import ray
+    def load_bucket(self, payload: str, version: int) -> None:
+        """Copy the bucket a training rank on this node shares (``flat_bucket.share``) into the
+        engine; when this returns the sender may reuse its buffer."""
+        from megatron_fipo.rollout.flat_bucket import open_shared, use_file_system_sharing
 
-        if isinstance(named_tensors, ray.ObjectRef):
-            named_tensors = ray.get(named_tensors)
-        self.engine.update_weights(named_tensors, version)
+        use_file_system_sharing()
+        bucket = open_shared(payload)
+        self.engine.update_weights(bucket.named_tensors(), version)
+        del bucket  # drop the mapping of the sender's buffer now
 
     def pause(self) -> None:
         self.engine.pause()
@@ -274,33 +283,3 @@ def _sglang_engine(config: FipoConfig, model_path: str | None) -> Any:
         )
     )
     return engine.start()
-
-
-class RemoteEngines:
-    """Duck-types ``RolloutEngine.update_weights`` for training rank 0: groups the streamed
-    tensors into buckets of ``bucket_bytes`` and sends each bucket to every engine actor."""
-
-    def __init__(self, handles: Sequence[Any], bucket_bytes: int) -> None:
-        self.handles = list(handles)  # the engine group's actor handles (picklable)
-        self.bucket_bytes = bucket_bytes
-
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
-    ) -> None:
-        import ray
-
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for name, tensor in named_tensors:
-            bucket.append((name, tensor.detach().cpu().clone()))
-            size += tensor.numel() * tensor.element_size()
-            if size >= self.bucket_bytes:
-                self._send(ray, bucket, version)
-                bucket, size = [], 0
-        self._send(ray, bucket, version)
-
-    def _send(self, ray: Any, bucket: list, version: int) -> None:
-        if not bucket:
-            return
-        ref = ray.put(bucket)
-        ray.get([h.call.remote("update_weights", (ref, version), {}) for h in self.handles])

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from checkpoint_convert.adapters import adapter_for
 from megatron_fipo.rollout.engine import RolloutEngine
+from megatron_fipo.rollout.flat_bucket import BucketPacker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,6 +140,7 @@ class WeightSync:
         self.version = 0
         self.stats = SyncStats()
         self._buffers: dict[str, torch.Tensor] = {}
+        self._packer = BucketPacker()
 
     def _buffer(
         self, key: str, numel: int, dtype: torch.dtype, device: torch.device
@@ -155,6 +157,22 @@ class WeightSync:
     def release_buffers(self) -> None:
         """Free the kept buffers (with ``reuse_buffers``), e.g. before a colocated train step."""
         self._buffers.clear()
+        self._packer.release()
+
+    def push(self, link: Any, version: int) -> int:
+        """Every rank: each bucket, full and HF-named, packed into one flat buffer and handed to
+        ``link`` (the engine process this rank feeds: ``link.load(bucket)`` returns once the
+        engine holds it; None for a rank that feeds none, which still takes part in every
+        collective). ``link.update(version)`` brackets the whole update. Returns ``version``."""
+        if link is None:
+            for _ in self.iter_hf_buckets(everywhere=True, convert=False):
+                pass
+        else:
+            with link.update(version):
+                for named in self.iter_hf_buckets(everywhere=True):
+                    link.load(self._packer.pack(named))
+        self.version = int(version)
+        return self.version
 
     def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
         """Push the current weights to `engine` (given on the driving rank, None elsewhere).
@@ -182,26 +200,53 @@ class WeightSync:
 
         Tensors come out on TP rank 0 of every stage when `convert`; other ranks yield nothing.
         """
+        for bucket in self.iter_hf_buckets(everywhere=False, convert=convert):
+            yield from bucket
+
+    def iter_hf_buckets(
+        self, everywhere: bool = True, convert: bool = True
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield each bucket as its (HF name, full tensor) list; a collective over TP and PP.
+
+        ``everywhere``: every rank gets every bucket (TP rank 0 gathers the stage's shards and
+        broadcasts them over the TP group; each stage's bucket is then broadcast over the PP
+        group), so each training rank can hand the weights to the engine process on its own
+        device. Otherwise only TP rank 0 of each stage yields (one receiving process).
+        """
         tp_rank, pp_rank = dist.get_rank(self.tp_group), dist.get_rank(self.pp_group)
         pp_size = dist.get_world_size(self.pp_group)
+        tp_size = dist.get_world_size(self.tp_group)
         shards = {shard.name: shard for shard in self._shards_fn()}
         device = next(iter(shards.values())).tensor.device
         local_metas = [self._meta(shard, pp_rank) for shard in shards.values()]
         stage_metas: list[list[ParamMeta]] = [[] for _ in range(pp_size)]
         stage_metas[pp_rank] = local_metas
-        if tp_rank == 0 and pp_size > 1:
+        if (everywhere or tp_rank == 0) and pp_size > 1:
             dist.all_gather_object(stage_metas, local_metas, group=self.pp_group)
         self.stats = SyncStats()
         for stage in range(pp_size):
             for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes):
                 buffer = self._gather_bucket(bucket, shards) if stage == pp_rank else None
-                if tp_rank != 0:
+                if everywhere and stage == pp_rank and tp_size > 1:
+                    buffer = self._share_over_tp(bucket, buffer, device)
+                if not everywhere and tp_rank != 0:
                     continue
                 if pp_size > 1:
                     buffer = self._broadcast_bucket(bucket, buffer, stage, device)
                 self._record(bucket)
                 if convert:
-                    yield from self._to_hf(bucket, buffer)
+                    yield list(self._to_hf(bucket, buffer))
+
+    def _share_over_tp(
+        self, bucket: list[ParamMeta], buffer: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """TP rank 0's gathered bucket to every TP rank of the stage."""
+        if buffer is None:
+            buffer = self._buffer(
+                "bucket", sum(meta.numel for meta in bucket), bucket[0].dtype, device
+            )
+        dist.broadcast(buffer, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        return buffer
 
     def _meta(self, shard: Any, stage: int) -> ParamMeta:
         shape = list(shard.tensor.shape)

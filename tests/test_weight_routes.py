@@ -1,0 +1,125 @@
+"""Per-device weight sync on local Ray (gloo, CPU): at TP = 2 and PP = 2, every training rank hands
+the full weights to the HF engine on its own bundle through shared memory. Afterwards each
+engine's weights equal the actor's bit for bit, and the driver and the Ray object store carried
+no weight bytes: both are measured (the driver's TCP bytes with ``ss``, the object store's
+cumulative created bytes from the raylet), not assumed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_fipo.cluster import RayActorGroup, create_placement, init_ray, plan_placement
+from megatron_fipo.cluster.engine_links import colocated_routes
+from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
+from megatron_fipo.config import load_config
+
+TINY = Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"
+
+
+class InspectedTrainWorker(TrainWorker):
+    def full_weights(self) -> dict:
+        """The actor's weights as HF tensors (rank 0 of the model-parallel group)."""
+        return {name: t.clone() for name, t in self.weight_sync.iter_hf_tensors()}
+
+    def change_weights(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed + self.actor.parallel.tensor_parallel)
+        for shard in self.actor.named_parameters_for_sync():
+            shard.tensor.data.add_(torch.randn(shard.tensor.shape, generator=generator) * 0.01)
+
+
+class InspectedEngineWorker(EngineWorker):
+    def weights(self) -> dict:
+        return {k: v.clone() for k, v in self.engine.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ray_cpu():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def _config(tp: int, pp: int):
+    return load_config(
+        TINY,
+        [
+            "model.hf_model_path=null",
+            f"parallelism.tensor_model_parallel_size={tp}",
+            f"parallelism.pipeline_model_parallel_size={pp}",
+            "trainer.cpu_ranks_per_node=2",
+            "trainer.eval_freq=null",
+            "trainer.eval_before_train=false",
+            "rollout.weight_sync_bucket_bytes=200000",  # several buckets
+        ],
+    )
+
+
+def _driver_tcp_bytes() -> int:
+    """Bytes this process sent plus received over TCP so far (``ss``: per-socket counters)."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
+    total, ours = 0, False
+    for line in out.splitlines():
+        if "users:(" in line:
+            ours = f"pid={os.getpid()}," in line
+        elif ours:
+            total += sum(int(v) for v in re.findall(r"bytes_(?:sent|received):(\d+)", line))
+    return total
+
+
+def _object_store_created_bytes(ray) -> int:
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.cumulative_created_bytes
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_every_rank_feeds_its_own_engine_bit_for_bit_and_nothing_crosses_the_driver(
+    ray_cpu, tp, pp
+):
+    config = _config(tp, pp)
+    plan = plan_placement(config)
+    placement = create_placement(plan, timeout_s=60)
+    env = {"OMP_NUM_THREADS": "1"}
+    workers = RayActorGroup.training(
+        InspectedTrainWorker, placement, worker_args=(config, None), backend="gloo", env=env
+    )
+    engines = RayActorGroup.engines(
+        InspectedEngineWorker,
+        placement,
+        worker_args=(config, hf_config_of(config).to_dict()),
+        env=env,
+    )
+    try:
+        routes = colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors)
+        assert [(r.engine, r.tp_index) for r in routes] == [(0, 0), (1, 0)]
+        workers.run_each("connect_engine", [(route,) for route in routes])
+        for version, seed in ((1, 0), (2, 1)):  # a second sync after the weights changed
+            workers.run_all("change_weights", seed)
+            store_before, tcp_before = _object_store_created_bytes(ray_cpu), _driver_tcp_bytes()
+            workers.run_all("sync_weights", version)
+            tcp = _driver_tcp_bytes() - tcp_before
+            store = _object_store_created_bytes(ray_cpu) - store_before
+            expected = workers.run_all("full_weights")[0]
+            model_bytes = sum(t.numel() * t.element_size() for t in expected.values())
+            assert store == 0, store
+            assert tcp < 64 * 1024 < model_bytes, (tcp, model_bytes)  # calls, not weights
+            for weights in engines.run_all("weights"):
+                assert sorted(weights) == sorted(expected)
+                assert all(torch.equal(weights[name], expected[name]) for name in expected)
+            assert {h.weights_version for h in engines.run_all("health")} == {version}
+    finally:
+        workers.kill()
+        engines.kill()
+        ray_cpu.util.remove_placement_group(placement.placement_group)

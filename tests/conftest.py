@@ -20,7 +20,7 @@ import pytest
 
 from megatron_fipo import lifetime
 
-LEFTOVER_GRACE_S = 20.0
+LEFTOVER_GRACE_S = float(os.environ.get("FIPO_TEST_LEFTOVER_GRACE_S", "20"))
 """How long processes may take to finish exiting after the last test (Ray's agents notice a
 stopped raylet within about 2 s)."""
 

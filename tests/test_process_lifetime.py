@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,36 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+LEAKY_TEST = """
+import subprocess
+
+def test_leaks():
+    # sh exits at once: its sleep is orphaned, re-parented to the session's pytest
+    command = "sleep 600 >/dev/null 2>&1 & echo $!"
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    open("leaked.pid", "w").write(out.stdout.strip())
+"""
+
+
+def test_the_session_check_fails_a_test_run_that_leaks_and_ends_the_leak(tmp_path):
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
+    env = {**os.environ, "FIPO_TEST_LEFTOVER_GRACE_S": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_leaky.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    leaked = int((tmp_path / "leaked.pid").read_text())
+    assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout[-2000:]
+    assert "1 passed" in done.stdout and "leaked processes" in done.stdout, done.stdout[-2000:]
+    assert f"pid {leaked}: sleep 600" in done.stdout, done.stdout[-2000:]
+    assert not _running(leaked), "the session check left the leaked process alive"
 
 
 def _ray_driver() -> None:

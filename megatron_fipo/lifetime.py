@@ -36,7 +36,7 @@ import sys
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 GUARDIAN_MARK = "megatron_fipo-guardian"
-"""Second argument of every guardian's command line (how a process check recognises one)."""
+"""The argument after the script in every guardian's command line (how checks recognise one)."""
 SNAPSHOT_INTERVAL_S = 1.0
 """How often :func:`guard_descendants` records the tree (one /proc scan, a few ms)."""
 

@@ -322,7 +322,9 @@ def test_every_filtered_warning_is_real():
         "cp.run_layout(ParallelConfig(), settings, work, True)\n"
         "cp.run_layout(ParallelConfig(), settings, work, False)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # -W default: DeprecationWarnings show too, as they do under pytest.
+    command = [sys.executable, "-W", "default", "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     missing = [k.message for k in KNOWN_WARNINGS if k.message not in done.stderr]
     assert not missing, f"never raised, so not needed: {missing}"

@@ -115,6 +115,15 @@ KNOWN_WARNINGS = (
         FutureWarning,
         r"megatron\.core\.dist_checkpointing\.strategies\.torch$",
     ),
+    # Deprecations shown only where DeprecationWarning is on (pytest): raised while importing.
+    KnownWarning(
+        "`torch.jit.script_method` is deprecated.", DeprecationWarning, r"torch\.jit\._script$"
+    ),
+    KnownWarning(
+        "The following imports from `dynamic_context.py` will be removed in this file",
+        DeprecationWarning,
+        r"megatron\.core\.inference\.contexts$",
+    ),
 )
 
 

@@ -15,9 +15,11 @@ picklable functions::
 
     results = world2.run(case, 3)          # one result per rank, in rank order
 
-Every worker has ``torch.distributed`` initialised (gloo, 127.0.0.1, a free port), one
-thread for torch (the machine has two cores shared by all workers), and its working directory
-unchanged. A case that raises on any rank makes :meth:`WorkerWorld.run` raise with every
+Every worker has ``torch.distributed`` initialised (gloo on loopback, the store served on
+127.0.0.1 only), one thread for torch (the machine has two cores shared by all workers), the
+known harmless third-party warnings filtered, and its working directory unchanged. A worker
+dies with the process that created the world (also when that process is SIGKILLed), and
+whatever a worker starts (Megatron's checkpoint-writer processes) dies with the worker. A case that raises on any rank makes :meth:`WorkerWorld.run` raise with every
 rank's traceback; a case that hangs (a collective some rank skipped) hits ``timeout_s`` and
 the world is torn down, so later cases fail fast instead of hanging.
 """
@@ -33,17 +35,25 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from megatron_fipo import lifetime
 from megatron_fipo.megatron.distributed import free_port, set_local_world_env
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, port: int, parent_pid: int, tasks, results) -> None:
+    # PDEATHSIG follows the creating thread: worlds are made by pytest's main thread.
+    lifetime.die_with_parent(parent_pid)
+    lifetime.guard_group()
     set_local_world_env(rank, world_size, port)
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
 
+    from megatron_fipo.megatron.cpu_compat import filter_known_warnings
+    from megatron_fipo.megatron.distributed import init_process_group_from_env
+
+    filter_known_warnings()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_process_group_from_env("gloo")
     while True:
         task = tasks.get()
         if task is None:
@@ -71,7 +81,7 @@ class WorkerWorld:
         self._processes = [
             context.Process(
                 target=_worker,
-                args=(rank, world_size, port, self._tasks[rank], self._results),
+                args=(rank, world_size, port, os.getpid(), self._tasks[rank], self._results),
                 # Not daemonic: Megatron's checkpoint save starts its own child processes.
                 daemon=False,
             )

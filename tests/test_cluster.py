@@ -1,11 +1,17 @@
-"""Ray placement and actor groups on local Ray (2 CPUs): gloo group, errors, colocated engines."""
+"""Ray placement and actor groups on local Ray (2 CPUs): gloo group, errors, colocated engines;
+every port of a one-machine run on loopback; what a worker start prints."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_fipo.cluster import (
@@ -16,7 +22,9 @@ from megatron_fipo.cluster import (
     init_ray,
     plan_placement,
 )
+from megatron_fipo.cluster.actor_group import _distributed_env, rendezvous_address
 from megatron_fipo.config import load_config
+from megatron_fipo.megatron.cpu_compat import KNOWN_WARNINGS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "tiny-cpu.yaml"
@@ -52,6 +60,9 @@ class SumWorker:
 
     def echo(self, value):
         return (self.rank, value)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def explode(self, bad_rank: int) -> int:
         if self.rank == bad_rank:
@@ -114,7 +125,8 @@ def test_two_workers_form_a_gloo_group_and_all_reduce(group):
     import ray
 
     (node,) = ray.nodes()
-    assert env[0]["MASTER_ADDR"] == env[1]["MASTER_ADDR"] == node["NodeManagerAddress"]
+    assert node["NodeManagerAddress"] == "127.0.0.1"  # a local start stays on loopback
+    assert env[0]["MASTER_ADDR"] == env[1]["MASTER_ADDR"] == "127.0.0.1"
     assert env[0]["backend"] == "gloo"
     assert sorted(e["visible"] for e in env) == ["0", "1"]  # Ray gave each rank its own GPU
     assert group.run_each("echo", [("a",), ("b",)]) == [(0, "a"), (1, "b")]
@@ -196,3 +208,123 @@ def test_plans_for_gpu_clusters():
     assert plan.train_bundles == tuple(range(128))
     assert plan.engine_bundles[0] == (128, 129, 130, 131) and len(plan.engine_bundles) == 16
     assert (plan.train_fraction, plan.engine_fraction) == (1.0, 1.0)
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
+
+
+def _listening_sockets(processes) -> dict[int, list[str]]:
+    """``{pid: ["ip:port", ...]}`` of the TCP sockets each process listens on."""
+    found: dict[int, list[str]] = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.setdefault(process.pid, []).append(f"{conn.laddr.ip}:{conn.laddr.port}")
+    return found
+
+
+def test_every_port_of_a_one_machine_run_listens_on_loopback(group):
+    # The driver (this process), Ray's processes and the two gloo ranks of `group`.
+    me = psutil.Process()
+    tree = [me, *me.children(recursive=True)]
+    listening = _listening_sockets(tree)
+    names = {p.pid: p.name() for p in tree if p.pid in listening}
+    public = {
+        f"{names[pid]} ({pid})": [a for a in addresses if not _is_loopback(a.rsplit(":", 1)[0])]
+        for pid, addresses in listening.items()
+    }
+    assert not {k: v for k, v in public.items() if v}, public
+    # The check saw the parts that matter: Ray's servers and rank 0's rendezvous store.
+    assert {"gcs_server", "raylet"} <= set(names.values()), names
+    env = group.run_all("environment")
+    rank0 = next(p for p in tree if p.pid == group.run_rank(0, "pid"))
+    store = f"127.0.0.1:{env[0]['MASTER_PORT']}"
+    assert store in listening[rank0.pid], listening[rank0.pid]
+
+
+def test_rendezvous_is_on_loopback_unless_the_ranks_span_machines(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert rendezvous_address(["10.1.0.5"] * 4) == "127.0.0.1"
+    assert rendezvous_address(["10.1.0.5", "10.1.0.5", "10.1.0.6"]) == "10.1.0.5"
+    local = _distributed_env(["10.1.0.5"] * 2, "127.0.0.1", 29500, use_gpu=False)
+    assert {e["GLOO_SOCKET_IFNAME"] for e in local} == {"lo"}  # gloo on the loopback device
+    spread = _distributed_env(["10.1.0.5", "10.1.0.6"], "10.1.0.5", 29500, use_gpu=True)
+    assert [e["MASTER_ADDR"] for e in spread] == ["10.1.0.5", "10.1.0.5"]
+    assert not any("GLOO_SOCKET_IFNAME" in e for e in spread)  # multi-node: gloo's own choice
+    no_group = _distributed_env(["10.1.0.5"], "127.0.0.1", None, use_gpu=False)
+    assert "MASTER_PORT" not in no_group[0] and no_group[0]["RANK"] == "0"
+
+
+def _harness_listeners(rank: int, world_size: int) -> list[str]:
+    connections = psutil.Process().net_connections(kind="tcp")
+    return [f"{c.laddr.ip}:{c.laddr.port}" for c in connections if c.status == psutil.CONN_LISTEN]
+
+
+def test_a_harness_world_listens_on_loopback_only():
+    from megatron_harness import WorkerWorld
+
+    with WorkerWorld(2) as world:
+        listeners = world.run(_harness_listeners)
+    assert listeners[0], "rank 0 serves the rendezvous store"
+    assert all(_is_loopback(a.rsplit(":", 1)[0]) for ranks in listeners for a in ranks), listeners
+
+
+class MegatronStep:
+    """Builds, saves, loads and trains a one-layer actor (check_parallel's layout body, which
+    reaches every known warning), with this process's stderr captured."""
+
+    def run(self) -> str:
+        from megatron_fipo.megatron import check_parallel
+        from megatron_fipo.megatron.distributed import ParallelConfig
+
+        settings = check_parallel.CheckSettings(num_layers=1)
+        with tempfile.TemporaryFile(mode="w+") as sink, tempfile.TemporaryDirectory() as work:
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+            try:
+                check_parallel.run_layout(ParallelConfig(), settings, work, True)  # saves
+                check_parallel.run_layout(ParallelConfig(), settings, work, False)  # loads
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            return sink.read()
+
+
+def test_a_worker_start_prints_one_fallback_line_and_no_known_warning(ray_session):
+    slots = [WorkerSlot(bundle_index=0, num_cpus=0.25, num_gpus=0.0)]
+    worker = RayActorGroup(MegatronStep, 1, slots, backend="gloo")
+    try:
+        (printed,) = worker.run_all("run")
+    finally:
+        worker.kill()
+    assert printed.count("CPU fallbacks in use:") == 1, printed[-3000:]
+    assert "torch norms (no Apex)" in printed
+    assert not [k.message for k in KNOWN_WARNINGS if k.message in printed], printed[-3000:]
+
+
+def test_every_filtered_warning_is_real():
+    """Without the filters, the same work shows every entry of KNOWN_WARNINGS: none is stale."""
+    code = (
+        "import tempfile\n"
+        "from megatron_fipo.megatron import cpu_compat\n"
+        "cpu_compat.filter_known_warnings = lambda: None  # what follows runs unfiltered\n"
+        "from megatron_fipo.megatron import check_parallel as cp\n"
+        "from megatron_fipo.megatron.distributed import ParallelConfig, free_port, "
+        "set_local_world_env\n"
+        "set_local_world_env(0, 1, free_port())\n"
+        "work, settings = tempfile.mkdtemp(), cp.CheckSettings(num_layers=1)\n"
+        "cp.run_layout(ParallelConfig(), settings, work, True)\n"
+        "cp.run_layout(ParallelConfig(), settings, work, False)\n"
+    )
+    # -W default: DeprecationWarnings show too, as they do under pytest.
+    command = [sys.executable, "-W", "default", "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    missing = [k.message for k in KNOWN_WARNINGS if k.message not in done.stderr]
+    assert not missing, f"never raised, so not needed: {missing}"

@@ -1,11 +1,18 @@
 """A group of Ray actors, each holding one worker object, with torch.distributed set up.
 
 ``RayActorGroup(worker_cls, num_workers, slots)`` starts one Ray actor per slot (see
-:mod:`megatron_fipo.cluster.placement`). Rank 0's actor reports its node address and a free port;
-every actor then gets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
-and ``LOCAL_WORLD_SIZE`` and, unless ``init_process_group=False``, joins the group (gloo on
-CPU, nccl on GPU) before ``worker_cls(*args, **kwargs)`` is built inside it. Code that calls
-``torch.distributed`` or Megatron's ``init_distributed`` in the worker finds the group ready.
+:mod:`megatron_fipo.cluster.placement`). Rank 0's actor listens on the rendezvous address
+(:func:`rendezvous_address`: loopback when every rank is on one machine, else rank 0's node
+address) and reports the port; every actor then gets ``MASTER_ADDR``, ``MASTER_PORT``,
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` and, unless ``backend=None``,
+joins the group (gloo on CPU, nccl on GPU) before ``worker_cls(*args, **kwargs)`` is built
+inside it. Code that calls ``torch.distributed`` or Megatron's ``init_distributed`` in the worker
+finds the group ready.
+
+Each actor leads its own process group, and a guardian ends that group as soon as the actor is
+gone, however it ended (:func:`megatron_fipo.lifetime.guard_group`): what the worker started,
+such as Megatron's checkpoint-writer processes, never outlives it. The actors filter the known
+harmless third-party warnings (:func:`megatron_fipo.megatron.cpu_compat.filter_known_warnings`).
 
 ``run_all(name, *args)`` calls ``worker.name(*args)`` on every rank and returns the results in
 rank order; ``run_each(name, per_rank_args)`` gives each rank its own arguments. A worker that
@@ -19,16 +26,20 @@ the ranks of its node.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-import socket
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from megatron_fipo import lifetime
 from megatron_fipo.cluster.placement import RayPlacement, WorkerSlot
 
 NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+LOOPBACK = "127.0.0.1"
+# Ray's switch for "no multi-node cluster"; off, it keeps a loopback node address as given.
+RAY_SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class WorkerError(RuntimeError):
@@ -39,18 +50,25 @@ class _WorkerHost:
     """Runs inside each Ray actor: owns the distributed environment and the worker object."""
 
     def __init__(self) -> None:
+        from megatron_fipo.megatron.cpu_compat import filter_known_warnings
+
+        lifetime.guard_group()
+        filter_known_warnings()
         self.worker: Any = None
         self.rank = -1
+        self._listener: Any = None
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
+    def reserve_rendezvous(self, address: str) -> int:
+        """Rank 0: listen on ``address`` (only) on a free port, held until :meth:`setup`."""
+        from megatron_fipo.megatron.distributed import listen_socket
+
+        self._listener = listen_socket(address)
+        return self._listener.getsockname()[1]
 
     def setup(self, env: dict[str, str], backend: str | None, timeout_minutes: float) -> None:
         """Export the torch.distributed variables and join the process group."""
@@ -60,16 +78,19 @@ class _WorkerHost:
             return
         import torch.distributed as dist
 
+        from megatron_fipo.megatron.distributed import rendezvous_store
+
         if backend == "nccl":
             import torch
 
             torch.cuda.set_device(int(env["LOCAL_RANK"]))
+        world_size, timeout = int(env["WORLD_SIZE"]), datetime.timedelta(minutes=timeout_minutes)
+        listener, self._listener = self._listener, None
+        store = rendezvous_store(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), self.rank, world_size, timeout, listener
+        )
         dist.init_process_group(
-            backend=backend,
-            rank=self.rank,
-            world_size=int(env["WORLD_SIZE"]),
-            init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            backend=backend, store=store, rank=self.rank, world_size=world_size, timeout=timeout
         )
 
     def construct(self, worker_cls: type, args: tuple, kwargs: dict) -> _Failure | None:
@@ -164,8 +185,11 @@ class RayActorGroup:
         # The address Ray registered for each actor's node (what the other nodes can reach).
         node_address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         addresses = [node_address[n] for n in ray.get([a.node_id.remote() for a in self.actors])]
-        port = ray.get(self.actors[0].free_port.remote())
-        envs = _distributed_env(addresses, port, use_gpu=backend == "nccl")
+        master = rendezvous_address(addresses)
+        port = (
+            None if backend is None else ray.get(self.actors[0].reserve_rendezvous.remote(master))
+        )
+        envs = _distributed_env(addresses, master, port, use_gpu=backend == "nccl")
         for rank_env, slot in zip(envs, slots):
             if slot.gpu_ids:
                 rank_env["FIPO_GPU_IDS"] = ",".join(map(str, slot.gpu_ids))
@@ -273,17 +297,38 @@ class RayActorGroup:
         self.kill()
 
 
-def _distributed_env(addresses: Sequence[str], port: int, use_gpu: bool) -> list[dict[str, str]]:
-    """torch.distributed variables per rank; rank 0's node is the master."""
+def rendezvous_address(node_addresses: Sequence[str]) -> str:
+    """The address rank 0 serves the rendezvous on, from each rank's node address (rank order).
+
+    Every rank on one machine: loopback, so nothing outside the machine can reach the store or
+    the collectives. Ranks on several machines (a multi-node run, ``RAY_ADDRESS``): rank 0's
+    node address, the one address the other machines can reach; this is the only case that
+    listens on a non-loopback interface.
+    """
+    if len(set(node_addresses)) == 1:
+        return LOOPBACK
+    return node_addresses[0]
+
+
+def _distributed_env(
+    addresses: Sequence[str], master: str, port: int | None, use_gpu: bool
+) -> list[dict[str, str]]:
+    """torch.distributed variables per rank; ``port`` None: no process group (no MASTER_*)."""
     per_node: dict[str, int] = {}
     local_ranks = []
     for address in addresses:
         local_ranks.append(per_node.get(address, 0))
         per_node[address] = local_ranks[-1] + 1
+    shared: dict[str, str] = {}
+    if port is not None:
+        shared = {"MASTER_ADDR": master, "MASTER_PORT": str(port)}
+        if master == LOOPBACK:
+            from megatron_fipo.megatron.distributed import one_machine_network_env
+
+            shared.update(one_machine_network_env())
     return [
         {
-            "MASTER_ADDR": addresses[0],
-            "MASTER_PORT": str(port),
+            **shared,
             "RANK": str(rank),
             "WORLD_SIZE": str(len(addresses)),
             # Ray narrows CUDA_VISIBLE_DEVICES to the actor's own GPU: device 0 in each actor.
@@ -297,21 +342,59 @@ def _distributed_env(addresses: Sequence[str], port: int, use_gpu: bool) -> list
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by launch/train_32b.sh), else start Ray here.
 
-    A local start (one-machine runs, tests) binds to the loopback address without a dashboard;
-    ``num_cpus`` / ``num_gpus`` apply only to it (a running cluster has its own).
+    A local start (one-machine runs, tests) binds every Ray port to 127.0.0.1 (GCS, raylet,
+    object manager, the workers' gRPC servers, the runtime-env agent) and runs no dashboard.
+    What it starts ends with this process, also after a ``kill -9``
+    (:func:`megatron_fipo.lifetime.guard_descendants`). ``num_cpus`` / ``num_gpus`` apply only
+    to a local start (a running cluster has its own). Either way this process filters the known
+    harmless third-party warnings.
     """
     import ray
 
+    from megatron_fipo.megatron.cpu_compat import filter_known_warnings
+
+    filter_known_warnings()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="ERROR")
         return
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
+    with _loopback_node():
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            logging_level="ERROR",
+        )
+    lifetime.guard_descendants()
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let a local Ray start keep 127.0.0.1 as its node address.
+
+    ``ray.init`` replaces a loopback ``_node_ip_address`` by the machine's outward address
+    unless Ray's multi-node switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) is off. The
+    variable is read when ray is first imported, which may have happened already here, so
+    the constant it sets is switched too. Ray's processes (started inside) inherit the
+    variable and are told ``--node-ip-address=127.0.0.1``; their servers then listen on
+    127.0.0.1 only. Both are restored afterwards, so a later ``RAY_ADDRESS`` join is unaffected.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = (
+        os.environ.get(RAY_SINGLE_MACHINE_SWITCH),
+        ray_constants.ENABLE_RAY_CLUSTER,
     )
+    os.environ[RAY_SINGLE_MACHINE_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_SINGLE_MACHINE_SWITCH)
+        else:
+            os.environ[RAY_SINGLE_MACHINE_SWITCH] = saved_env

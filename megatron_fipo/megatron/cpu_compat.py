@@ -21,9 +21,21 @@ Other CPU rules the callers follow (they are not patches): build models with
 sequence parallel off with the local spec (torch norms refuse it), save with the ``torch_dist``
 backend from a process with a ``__main__`` guard (it starts a spawn manager), and save
 distributed-optimizer state with ``distrib_optim_sharding_type='dp_reshardable'``.
+
+Known harmless third-party warnings (:data:`KNOWN_WARNINGS`: Megatron reporting that
+TransformerEngine / Apex are absent, and deprecations inside Megatron and torch that we cannot
+act on) are filtered by :func:`filter_known_warnings`, each by its exact message, category and
+module; the Ray actors, the driver and the test harness call it. Instead, :func:`apply` prints
+one line per process naming the CPU fallbacks in use (and filters them too).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -38,6 +50,100 @@ _CUDA_TYPE_NAMES = {
     "torch.HalfTensor": "torch.cuda.HalfTensor",
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class KnownWarning:
+    """One harmless third-party warning: its message (exact start), category, and the modules
+    it is reported from (a regex; a warning raised from inside a torch function under
+    :class:`CudaToCpuMode` is reported from this module)."""
+
+    message: str
+    category: type[Warning]
+    module: str
+
+
+_THIS = re.escape(__name__)
+KNOWN_WARNINGS = (
+    # Megatron-core 0.16.1 without TransformerEngine / Apex: it falls back to torch code.
+    KnownWarning(
+        "Transformer Engine and Apex are not installed. Falling back to local implementations"
+        " of multi_tensor_applier",
+        UserWarning,
+        r"megatron\.core\.(optimizer\.optimizer|optimizer\.clip_grads|distributed\.fsdp\.)",
+    ),
+    KnownWarning(
+        "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+        UserWarning,
+        r"megatron\.core\.optimizer$",
+    ),
+    KnownWarning(
+        "Apex is not installed. Falling back to Torch Norm",
+        UserWarning,
+        r"megatron\.core\.models\.(backends|gpt\.gpt_layer_specs)$",
+    ),
+    # Megatron's own default cuda_graph_scope="full" warns about itself (no CUDA graphs here).
+    KnownWarning(
+        "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.",
+        UserWarning,
+        r"megatron\.core\.transformer\.transformer_config$",
+    ),
+    # The distributed optimizer's zero_grad reads .grad of its (non-leaf) shard views.
+    KnownWarning(
+        "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.",
+        UserWarning,
+        rf"(megatron\.core\.optimizer\.optimizer|{_THIS})$",
+    ),
+    # torch deprecations of the calls Megatron 0.16.1 makes.
+    KnownWarning(
+        "`torch.distributed.reduce_scatter_tensor` is deprecated.",
+        FutureWarning,
+        r"torch\.distributed\.c10d_logger$",
+    ),
+    KnownWarning(
+        "`torch.distributed.all_gather_into_tensor` is deprecated.",
+        FutureWarning,
+        r"torch\.distributed\.c10d_logger$",
+    ),
+    KnownWarning(
+        "Please use DTensor instead and we are deprecating ShardedTensor.",
+        FutureWarning,
+        rf"(megatron\.core\.dist_checkpointing\.|torch\.distributed\.|{_THIS}$)",
+    ),
+    KnownWarning(
+        "`load_state_dict` is deprecated and will be removed in future versions.",
+        FutureWarning,
+        r"megatron\.core\.dist_checkpointing\.strategies\.torch$",
+    ),
+    # Deprecations shown only where DeprecationWarning is on (pytest): raised while importing.
+    KnownWarning(
+        "`torch.jit.script_method` is deprecated.", DeprecationWarning, r"torch\.jit\._script$"
+    ),
+    KnownWarning(
+        "The following imports from `dynamic_context.py` will be removed in this file",
+        DeprecationWarning,
+        r"megatron\.core\.inference\.contexts$",
+    ),
+)
+
+
+def filter_known_warnings() -> None:
+    """Ignore :data:`KNOWN_WARNINGS` in this process (and only those); idempotent."""
+    for known in KNOWN_WARNINGS:
+        warnings.filterwarnings(
+            "ignore", message=re.escape(known.message), category=known.category, module=known.module
+        )
+
+
+def fallbacks_line() -> str:
+    """The one line :func:`apply` prints: which CPU fallbacks this process uses (Megatron
+    falls back to torch code when it cannot import ``apex`` / ``transformer_engine``)."""
+    used = ["gloo", "CUDA tensors and RNG on CPU"]
+    if importlib.util.find_spec("apex") is None:
+        used.append("torch norms (no Apex)")
+    if importlib.util.find_spec("transformer_engine") is None:
+        used.append("torch optimizers and multi-tensor kernels (no TransformerEngine / Apex)")
+    return "megatron_fipo: no CUDA; CPU fallbacks in use: " + ", ".join(used)
 
 
 def cuda_missing() -> bool:
@@ -123,6 +229,8 @@ def apply() -> bool:
         return False
     if _APPLIED:
         return True
+    filter_known_warnings()
+    print(fallbacks_line(), file=sys.stderr, flush=True)
     _patch_torch_cuda()
     _patch_megatron()
     # Entered for the life of the process: Megatron allocates on "cuda" deep inside the

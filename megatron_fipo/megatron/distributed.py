@@ -5,18 +5,25 @@ spawned worker that already called ``init_process_group``) to "ready to build a 
 gloo on CPU (with :mod:`cpu_compat` applied) or NCCL on GPU, the TP/PP/CP/DP groups, and the
 model-parallel RNG seeds. :func:`destroy` undoes it so a process can re-initialise with
 another layout (tests do this to compare layouts inside one spawned world).
+
+Networking: rank 0 serves torch's rendezvous store (which has no authentication) on
+``MASTER_ADDR`` alone, never on every interface (:func:`rendezvous_store`), and one-machine
+worlds keep gloo on the loopback interface (:func:`one_machine_network_env`).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_fipo.megatron import cpu_compat
+
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,37 +82,112 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _init_process_group(backend: str, timeout_minutes: int) -> None:
+def init_process_group_from_env(backend: str, timeout_minutes: float = 30) -> None:
+    """Join the world described by ``MASTER_ADDR`` / ``MASTER_PORT`` / ``RANK`` / ``WORLD_SIZE``
+    (a world of one on loopback when they are unset); rank 0 serves the rendezvous store on
+    ``MASTER_ADDR`` only (:func:`rendezvous_store`). No-op when already initialised."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # A lone process (single-rank runs, notebooks): a world of one on a local port.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_ADDR", LOOPBACK)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+        os.environ.update(one_machine_network_env())
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun's agent already serves the rendezvous store; join it the usual way.
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = rendezvous_store(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, timeout
+    )
+    dist.init_process_group(
+        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
 
 
 def free_port() -> int:
     """A TCP port that is free on the loopback interface right now."""
-    import socket
-
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+def loopback_interface() -> str:
+    """Name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address == LOOPBACK for address in addresses):
+            return name
+    raise RuntimeError(f"no network interface has the address {LOOPBACK}")
+
+
+def one_machine_network_env() -> dict[str, str]:
+    """Variables that keep a one-machine world's gloo sockets on loopback.
+
+    Gloo otherwise listens on the address the host name resolves to, which may be a public
+    one. A value the user exported wins. (NCCL's bootstrap interface is left to NCCL and
+    ``NCCL_SOCKET_IFNAME``.)
+    """
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    return {"GLOO_SOCKET_IFNAME": loopback_interface()}
+
+
+def listen_socket(address: str, port: int = 0) -> socket.socket:
+    """A TCP socket listening on ``address`` only (``port`` 0: any free port)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as error:
+        sock.close()
+        raise OSError(
+            error.errno, f"cannot serve the rendezvous on {address}:{port}: {error.strerror}"
+        ) from None
+    return sock
+
+
+def rendezvous_store(
+    address: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    timeout: datetime.timedelta,
+    listener: socket.socket | None = None,
+) -> dist.TCPStore:
+    """torch.distributed's rendezvous store, served by rank 0 on ``address`` alone.
+
+    A plain ``TCPStore`` (``env://`` / ``tcp://`` init) listens on every interface, and it
+    takes no authentication: rank 0 instead hands it a socket bound to ``address`` (loopback
+    for one-machine worlds). ``listener`` is such a socket that rank 0 already holds.
+    """
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, False, timeout)
+    sock = listener or listen_socket(address, port)
+    # The store takes the descriptor over (and closes it); the socket object lets go of it.
+    return dist.TCPStore(
+        address, port, world_size, True, timeout, master_listen_fd=sock.detach(), use_libuv=True
+    )
 
 
 def set_local_world_env(rank: int, world_size: int, port: int) -> None:
     """The torch.distributed environment of rank ``rank`` in a one-machine world of
     ``world_size`` processes rendezvousing on loopback ``port`` (spawned test / bench ranks)."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=LOOPBACK,
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
+        **one_machine_network_env(),
     )
 
 
@@ -126,7 +208,7 @@ def init_distributed(
     backend = backend or default_backend()
     if backend == "gloo":
         cpu_compat.apply()
-    _init_process_group(backend, timeout_minutes)
+    init_process_group_from_env(backend, timeout_minutes)
     data_parallel = parallel.resolve_data_parallel(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

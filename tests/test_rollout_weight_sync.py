@@ -219,9 +219,11 @@ def test_streaming_engine_receives_tensors_before_the_last_bucket_is_built():
     tensors while later buckets do not exist yet (single process, TP = PP = 1)."""
     import torch.distributed as dist
 
+    from megatron_fipo.megatron.distributed import init_process_group_from_env
+
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        init_process_group_from_env("gloo")
     try:
         _check_streaming()
     finally:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import functools
 import math
 import os
@@ -420,15 +419,13 @@ def _world_rank(rank: int, world_size: int, port: int, config: AblationConfig, r
     """Body of one spawned process: the CP-scan and actor rows of a world of ``world_size``."""
     import torch.distributed as dist
 
-    from megatron_fipo.megatron.distributed import set_local_world_env
+    from megatron_fipo.megatron.distributed import init_process_group_from_env, set_local_world_env
 
     set_local_world_env(rank, world_size, port)
     # The ranks share the machine's cores; more threads each would only oversubscribe them.
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
     # A bounded wait: a rank that never joins a collective ends the world instead of hanging.
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=5)
-    )
+    init_process_group_from_env("gloo", timeout_minutes=5)
     try:
         rows = []
         if "cp_scan" in config.benches and world_size > 1:

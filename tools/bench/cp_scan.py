@@ -24,7 +24,11 @@ import torch.multiprocessing as mp
 from megatron_fipo.algorithms.future_kl import discounted_future_sum
 from megatron_fipo.megatron.context_parallel import build_layout, local_to_global, split_to_local
 from megatron_fipo.megatron.cp_scan import ChunkIndex, cp_future_sum, exchange_bytes
-from megatron_fipo.megatron.distributed import free_port, set_local_world_env
+from megatron_fipo.megatron.distributed import (
+    free_port,
+    init_process_group_from_env,
+    set_local_world_env,
+)
 from tools.bench.timing import slowest_rank_best_time
 
 GAMMA = 2.0 ** (-1.0 / 32)
@@ -42,7 +46,7 @@ def gather_then_scan(x_local, layout, gamma):
 def _rank_main(rank, cp_size, port, args, results) -> None:
     set_local_world_env(rank, cp_size, port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_process_group_from_env("gloo")
     layout = build_layout([args.length] * args.batch, cp_size, rank, packed=False)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(args.batch, args.length, generator=torch.Generator().manual_seed(0))

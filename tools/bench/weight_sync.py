@@ -24,7 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from checkpoint_convert.adapters import adapter_for
-from megatron_fipo.megatron.distributed import free_port, set_local_world_env
+from megatron_fipo.megatron.distributed import (
+    free_port,
+    init_process_group_from_env,
+    set_local_world_env,
+)
 from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
 from tools.bench.timing import slowest_rank_best_time
 
@@ -77,7 +81,7 @@ def build_shards(tp_rank: int, dtype: torch.dtype) -> list[Shard]:
 def _rank_main(rank: int, port: int, args, results) -> None:
     set_local_world_env(rank, TP, port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_process_group_from_env("gloo")
     dtype = getattr(torch, args.dtype)
     shards = build_shards(rank, dtype)
     world = dist.group.WORLD

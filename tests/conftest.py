@@ -6,7 +6,8 @@ whatever those processes start in turn, stays this process's descendant even whe
 parent dies first. At the end (after every fixture is torn down) the descendants still alive
 after a grace period are listed, SIGKILLed, and the session fails. Not counted: this process's
 own multiprocessing resource tracker and the guardians watching this process
-(:mod:`megatron_fipo.lifetime`), which live as long as it by design.
+(:mod:`megatron_fipo.lifetime`) and torch's shared-memory manager, which live as long as it
+by design.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def _own_helpers() -> set[int]:
         except psutil.Error:
             continue
         if lifetime.is_guardian(cmdline) and lifetime.guarded_pid(cmdline) == os.getpid():
+            helpers.add(child.pid)
+        # torch's shared-memory manager serves this process's file_system-shared tensors (the
+        # SGLang double's tests) and exits when its last client, this process, does.
+        if cmdline and cmdline[0].endswith("torch_shm_manager"):
             helpers.add(child.pid)
     return helpers
 

@@ -307,6 +307,9 @@ def test_wandb_offline_logs_every_step_and_a_resume_continues_the_same_run(tmp_p
     resumed.start_wandb()  # after a resume: the same W&B run id
     resumed.log(3, {"reward/mean": 1.0, "actor/loss": 1.0})
     resumed.close()
+    import wandb
+
+    wandb.teardown()  # its service process would otherwise live as long as this one
     logged = history(tmp_path / "wandb")
     assert sorted(logged) == [1, 2, 3]
     assert logged[2] == {"reward/mean": 0.75, "actor/loss": 1.25}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -110,11 +111,35 @@ def init_process_group_from_env(backend: str, timeout_minutes: float = 30) -> No
     )
 
 
-def free_port() -> int:
-    """A TCP port that is free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` now, for a process that will listen on it a moment later.
+
+    It is drawn outside the kernel's ephemeral range (``ip_local_port_range``), from which every
+    outgoing connection takes its local port: a port from that range (what ``bind(0)`` returns)
+    can be taken by any connection before the listener binds it ("Address already in use"),
+    which busy test machines do hit. Ray's worker ports (10002-19999) are avoided too.
+    """
+    low, high = _ephemeral_range()
+    candidates = list(range(20000, low)) if low > 20000 else list(range(high + 1, 65536))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every candidate taken: fall back to the kernel's choice
+        sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # the Linux default
 
 
 def loopback_interface() -> str:

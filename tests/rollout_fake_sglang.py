@@ -253,6 +253,8 @@ def update_weights(state, path, body):
 
 
 def receive_tensors(state, payloads):
+    import torch.multiprocessing  # noqa: F401  (the tensor rebuilds the pickles name)
+
     # managers/tp_worker.py deserialize_own_rank: TP rank r unpickles payloads[r], only its own.
     if len(payloads) != state.args.tp_size:
         return f"{len(payloads)} serialized payloads for {state.args.tp_size} TP ranks"
@@ -445,9 +447,8 @@ def summarize(path, body):
 
 def start_up(state):
     """Like `sglang.launch_server`: one scheduler per TP rank and a detokenizer run as children
-    (managers/scheduler.py, managers/detokenizer_manager.py), then the server warms up."""
-    import torch  # noqa: F401  (the model load: what makes a real start slow)
-
+    (managers/scheduler.py, managers/detokenizer_manager.py), then the server warms up. torch is
+    imported on first use only, which keeps the CPU tests' many starts cheap."""
     roles = [f"scheduler_TP{rank}" for rank in range(state.args.tp_size)] + ["detokenizer"]
     for role in roles:
         command = [sys.executable, __file__, "--child", role, "--parent", str(os.getpid())]

@@ -234,6 +234,21 @@ def test_sglang_engine_config_from_the_run_config(monkeypatch):
     )
 
 
+def test_default_launch_needs_the_pinned_sglang(monkeypatch):
+    engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="/m"))
+
+    def missing(name):
+        raise ss.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(ss.importlib.metadata, "version", missing)
+    with pytest.raises(RuntimeError, match=r"needs sglang==0\.5\.23 in this interpreter"):
+        engine.start()
+    monkeypatch.setattr(ss.importlib.metadata, "version", lambda name: "0.5.22")
+    with pytest.raises(RuntimeError, match=r"sglang 0\.5\.22 is installed"):
+        engine.start()
+    assert engine.servers == []
+
+
 def test_pause_resume_payloads_and_health(engine):
     engine.pause()
     health = engine.health()  # no generation check while memory is released

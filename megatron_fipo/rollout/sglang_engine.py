@@ -65,18 +65,19 @@ from megatron_fipo.rollout.sglang_server import (
     SGLangServer,
     call_each,
     free_port,
+    generate_payload,
     join_update_group,
     leave_update_group,
     parse_generate_response,
     raise_first,
     refused,
-    sampling_payload,
+    require_sglang,
     serialize_named_tensors,
     staging_devices,
 )
 
 SGLANG_VERSION = "0.5.23"
-SGLANG_VERSION_RANGE = ">=0.5.23,<0.6"
+"""The release whose protocol this engine speaks (pinned in requirements/gpu-constraints.txt)."""
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 """What `/release_memory_occupation` releases when given no tags (SGLang's GPU_MEMORY_ALL_TYPES)."""
 SERVER_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
@@ -189,6 +190,8 @@ class SGLangRolloutEngine(RolloutEngine):
         """Start every server, wait until all are healthy, and set up the update group."""
         if self._servers:
             return self
+        if self._launch is default_launch_command:
+            require_sglang(SGLANG_VERSION)  # the servers run under this interpreter
         self._servers = [self._spawn(index, 0) for index in range(self.config.num_servers)]
         for server in self._servers:
             server.wait_healthy(self.config.startup_timeout_s)
@@ -258,11 +261,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def _generate_one(self, position: int, request: GenerationRequest) -> GenerationSample:
         index = position % self.config.num_servers
-        payload = {
-            "input_ids": list(request.prompt_token_ids),
-            "sampling_params": sampling_payload(request),
-            "return_logprob": True,
-        }
+        payload = generate_payload(request)
         # Each failed attempt either restarts the server (bounded by max_restarts) or finds it
         # healthy again; the attempt cap stops a server that keeps failing while looking healthy.
         for _ in range(self.config.max_restarts + 3):
@@ -424,11 +423,11 @@ class SGLangRolloutEngine(RolloutEngine):
                 if is_last:
                     payload["weight_version"] = str(version)
                 payloads.append(payload)
-            path = "/update_weights_from_tensor"
             timeout = self.config.request_timeout_s
             with ThreadPoolExecutor(max_workers=len(servers)) as pool:
                 futures = [
-                    pool.submit(s.post_ok, path, p, timeout) for s, p in zip(servers, payloads)
+                    pool.submit(s.post_ok, "/update_weights_from_tensor", p, timeout)
+                    for s, p in zip(servers, payloads)
                 ]
                 for future in futures:
                     future.result()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.metadata
 import io
 import json
 import os
@@ -294,6 +295,31 @@ def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> st
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(named_tensors)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def require_sglang(version: str) -> None:
+    """Raise unless this interpreter has sglang `version` (the protocol the client speaks)."""
+    try:
+        installed = importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"rollout.engine=sglang needs sglang=={version} in this interpreter; install the GPU "
+            f"set (README, GPU install: pip install -c requirements/gpu-constraints.txt ...)"
+        ) from None
+    if installed != version:
+        raise RuntimeError(
+            f"sglang {installed} is installed, but this engine speaks the HTTP protocol of sglang "
+            f"{version}; install the pinned set in requirements/gpu-constraints.txt"
+        )
+
+
+def generate_payload(request: GenerationRequest) -> dict[str, Any]:
+    """The `/generate` body of one request (token ids in, log-probs out)."""
+    return {
+        "input_ids": list(request.prompt_token_ids),
+        "sampling_params": sampling_payload(request),
+        "return_logprob": True,
+    }
 
 
 def sampling_payload(request: GenerationRequest) -> dict[str, Any]:

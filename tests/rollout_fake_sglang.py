@@ -60,7 +60,6 @@ SCHEMAS = {
     "/resume_memory_occupation": {"tags": (list, False)},
     "/pause_generation": {"mode": (str, False)},
     "/continue_generation": {"torch_empty_cache": (bool, False)},
-    "/abort_request": {"rid": (str, False), "abort_all": (bool, False)},
     "/flush_cache": {},
     "/get_weights_by_name": {"name": (str, True), "truncate_size": (int, False)},
 }  # fmt: skip
@@ -183,7 +182,7 @@ def generate(state, body):
         # managers/tokenizer_manager.py generate_request: wait while generation is paused, then
         # hold the model-update reader lock (utils/aio_rwlock.py: queued writers go first).
         state.cond.wait_for(lambda: not state.paused and state.writers == 0)
-        if state.released:
+        if state.released:  # unmapped weights / KV cache: a real server faults, the double refuses
             return 400, {"error": {"message": f"generate with memory released: {state.released}"}}
         flight = {"aborted": False}
         state.running[id(flight)] = flight
@@ -194,7 +193,7 @@ def generate(state, body):
         )
         start, delay = time.monotonic(), state.args.generate_delay
         while (elapsed := time.monotonic() - start) < delay:  # decoding, token by token
-            if flight["aborted"]:  # /pause_generation (abort) or /abort_request
+            if flight["aborted"]:  # /pause_generation (mode abort) or abort_all_requests
                 emitted = int(len(tokens) * elapsed / delay)
                 tokens, log_probs = tokens[:emitted], log_probs[:emitted]
                 finish = {"type": "abort", "message": "Abort in waiting queue"}
@@ -237,7 +236,9 @@ def update_weights(state, path, body):
     if not state.session:  # managers/scheduler_components/weight_updater.py
         return 400, {"success": False, "message": f"{path[1:]} must run between "
                      "begin_weight_update() and end_weight_update()"}  # fmt: skip
-    if "weights" in state.released:  # the weights' memory is paused by torch_memory_saver
+    if "weights" in state.released:
+        # weight_updater.py release_memory_occupation unmaps the weights (torch_memory_saver
+        # pause); a real server writing into them faults, the double refuses.
         return 400, {"success": False, "message": "weights memory is released"}
     if body.get("abort_all_requests"):
         abort_all(state)
@@ -305,14 +306,10 @@ def handle_generation_control(state, path, body):
         with state.cond:
             state.cond.wait_for(lambda: not state.running)
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
-    if path == "/continue_generation":
-        with state.cond:
-            state.paused = False
-            state.cond.notify_all()
-        return 200, {"message": "Generation continued successfully.", "status": "ok"}
-    if body.get("abort_all"):  # /abort_request
-        abort_all(state)
-    return 200, None
+    with state.cond:  # /continue_generation
+        state.paused = False
+        state.cond.notify_all()
+    return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
 
 def handle_memory(state, path, body):
@@ -366,7 +363,7 @@ def handle(state, path, body):
         return exclusive(state, lambda: update_weights(state, path, body))
     if path in ("/begin_weight_update", "/end_weight_update"):
         return exclusive(state, lambda: handle_session(state, path, body))
-    if path in ("/pause_generation", "/continue_generation", "/abort_request"):
+    if path in ("/pause_generation", "/continue_generation"):
         return handle_generation_control(state, path, body)
     if path in ("/flush_cache", "/release_memory_occupation", "/resume_memory_occupation"):
         return handle_memory(state, path, body)

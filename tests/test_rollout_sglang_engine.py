@@ -433,7 +433,7 @@ def test_distributed_update_and_resync_over_gloo():
         # waiting for the group's 10-minute timeout, and refuses to use the group again.
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="refused a weight bucket"):
-            engine._push_distributed(WEIGHTS, 8)
+            engine._push_distributed(engine.servers, WEIGHTS, 8)
         assert time.monotonic() - start < 60
         with pytest.raises(RuntimeError, match="restart the engine"):
             engine.update_weights(WEIGHTS, version=8)

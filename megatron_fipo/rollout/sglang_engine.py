@@ -196,7 +196,7 @@ class SGLangRolloutEngine(RolloutEngine):
         for server in self._servers:
             server.wait_healthy(self.config.startup_timeout_s)
         if self.config.weight_update_mode == "distributed":
-            self._init_update_group()
+            self._init_update_group(self._servers)
         return self
 
     def _spawn(self, index: int, launch_count: int) -> SGLangServer:
@@ -295,23 +295,28 @@ class SGLangRolloutEngine(RolloutEngine):
             self._restart_counts[index] += 1
             failed.kill()  # the whole tree, so the replacement finds its GPUs free
             server = self._spawn(index, self._restart_counts[index])
-            server.wait_healthy(self.config.startup_timeout_s)
-            self._servers[index] = server
-            self._resync(index)
+            try:
+                server.wait_healthy(self.config.startup_timeout_s)
+                self._resync(index, server)
+            except BaseException:
+                server.kill()
+                raise
+            self._servers[index] = server  # only now do other threads send it requests
 
-    def _resync(self, index: int) -> None:
-        """Bring a restarted server to the current weights version and memory state."""
-        server = self._servers[index]
+    def _resync(self, index: int, server: SGLangServer) -> None:
+        """Bring `server`, replacing server `index`, to the current weights version and memory
+        state."""
+        servers = [server if i == index else s for i, s in enumerate(self._servers)]
         distributed = self.config.weight_update_mode == "distributed"
         if distributed:
-            self._init_update_group()  # the old group lost a member; every rank rejoins
+            self._init_update_group(servers)  # the old group lost a member; every rank rejoins
         if self._version >= 0 and distributed and "weights" in self._released:
             # The other servers' weights are released and cannot take a broadcast now; the
             # update that follows resume() brings every server to one version.
             self._update_incomplete = True
         elif self._version >= 0:
             weights, version = self._current_weights(), self._version
-            targets = self._servers if distributed else [server]
+            targets = servers if distributed else [server]
             self._in_session(targets, lambda: self._push(targets, weights, version))
         if self._released:
             timeout = self.config.request_timeout_s
@@ -398,7 +403,7 @@ class SGLangRolloutEngine(RolloutEngine):
         if self.config.weight_update_mode == "tensor":
             self._push_tensor(servers, named, version)
         else:
-            self._push_distributed(named, version)  # every server takes every broadcast
+            self._push_distributed(servers, named, version)  # all of them take every broadcast
 
     def _push_tensor(
         self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
@@ -433,7 +438,9 @@ class SGLangRolloutEngine(RolloutEngine):
                     future.result()
             del staged
 
-    def _push_distributed(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def _push_distributed(
+        self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
         if self._group_broken:
             raise RuntimeError(
                 "the weight-update group is broken (a broadcast was left unmatched after a server "
@@ -452,7 +459,7 @@ class SGLangRolloutEngine(RolloutEngine):
             if is_last:
                 payload["weight_version"] = str(version)
             # The servers block in the HTTP call until they have received every broadcast.
-            with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
+            with ThreadPoolExecutor(max_workers=len(servers)) as pool:
                 futures = [
                     pool.submit(
                         s.post_ok,
@@ -460,7 +467,7 @@ class SGLangRolloutEngine(RolloutEngine):
                         payload,
                         self.config.request_timeout_s,
                     )
-                    for s in self._servers
+                    for s in servers
                 ]
                 handles = [
                     dist.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors
@@ -485,14 +492,14 @@ class SGLangRolloutEngine(RolloutEngine):
         for future in futures:
             future.result()
 
-    def _init_update_group(self) -> None:
-        """(Re)build the group of the driver (rank 0) and every server rank."""
+    def _init_update_group(self, servers: list[SGLangServer]) -> None:
+        """(Re)build the group of the driver (rank 0) and every rank of `servers`."""
         config = self.config
         if self._group is not None:
             leave_update_group(self._servers, self._group, config.group_name)
             self._group = None
         self._group = join_update_group(
-            self._servers,
+            servers,
             host=config.host,
             tp_size=config.tp_size,
             group_name=config.group_name,

@@ -373,6 +373,10 @@ class RolloutConfig(_Section):
     """Address the engine servers bind to."""
     extra_server_args: list[str] = field(default_factory=list)
     """Extra SGLang server arguments, e.g. ["--attention-backend", "fa3"]."""
+    deterministic_inference: bool = False
+    """SGLang: launch with --enable-deterministic-inference (batch-invariant kernels, slower), the
+    only mode in which it honours per-request seeds, so a resumed run regenerates the same
+    rollouts. Off: seeds are ignored and SGLang rollouts are not reproducible."""
     hf_max_batch_size: int = _num(64, ge=1)
     """HF engine: requests decoded together (larger request lists are split)."""
     eval_sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)

@@ -263,23 +263,30 @@ class EngineWorker:
 
 def _sglang_engine(config: FipoConfig, model_path: str | None) -> Any:
     """An SGLang engine on the GPUs Ray reserved for this actor (``FIPO_GPU_IDS``)."""
-    from megatron_fipo.rollout.sglang_engine import SGLangEngineConfig, SGLangRolloutEngine
+    from megatron_fipo.rollout.sglang_engine import SGLangRolloutEngine
+
+    return SGLangRolloutEngine(_sglang_engine_config(config, model_path)).start()
+
+
+def _sglang_engine_config(config: FipoConfig, model_path: str | None) -> Any:
+    """The engine's settings from the run config. ``FIPO_GPU_IDS`` lists the physical GPUs Ray
+    reserved (it leaves CUDA_VISIBLE_DEVICES unset here): the servers and the staging of tensor
+    updates use them, starting at the first."""
+    from megatron_fipo.rollout.sglang_engine import SGLangEngineConfig
 
     rollout = config.rollout
     path = model_path or config.model.hf_model_path
     if not path:
         raise ValueError("rollout.engine=sglang needs model.hf_model_path (the servers load it)")
     gpu_ids = [int(i) for i in os.environ.get("FIPO_GPU_IDS", "0").split(",")]
-    engine = SGLangRolloutEngine(
-        SGLangEngineConfig(
-            model_path=path,
-            tp_size=rollout.engine_tensor_parallel_size,
-            base_gpu_id=gpu_ids[0],
-            mem_fraction_static=rollout.mem_fraction_static,
-            dtype=config.model.dtype,
-            host=rollout.host,
-            update_bucket_bytes=rollout.weight_sync_bucket_bytes,
-            extra_server_args=tuple(rollout.extra_server_args),
-        )
+    return SGLangEngineConfig(
+        model_path=path,
+        tp_size=rollout.engine_tensor_parallel_size,
+        base_gpu_id=gpu_ids[0],
+        mem_fraction_static=rollout.mem_fraction_static,
+        dtype=config.model.dtype,
+        host=rollout.host,
+        update_bucket_bytes=rollout.weight_sync_bucket_bytes,
+        deterministic_inference=rollout.deterministic_inference,
+        extra_server_args=tuple(rollout.extra_server_args),
     )
-    return engine.start()

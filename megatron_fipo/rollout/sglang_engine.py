@@ -1,14 +1,29 @@
 """SGLang rollout engine: owns `python -m sglang.launch_server` processes and talks HTTP to them.
 
-Targets the native SGLang HTTP API as of sglang 0.5.23 (`/generate`, `/health`, `/flush_cache`,
-`/update_weights_from_tensor`, `/init_weights_update_group`, `/update_weights_from_distributed`,
-`/destroy_weights_update_group`, `/release_memory_occupation`, `/resume_memory_occupation`).
-sglang itself is only needed by the server processes, so this module imports without it.
+Targets the native HTTP API of sglang 0.5.23 (the pinned release; `tests/test_sglang_contract.py`
+checks every route, request field and launch flag used here against its source). sglang itself
+is only needed by the server processes, so this module imports without it.
+
+Protocol, as 0.5.23 enforces it:
+- Weight updates run inside a session: `POST /begin_weight_update`, the buckets, then
+  `POST /end_weight_update` (also after a failed bucket, so no server is left in a session).
+  Outside a session the server answers 400; on the distributed path it does so without joining
+  the broadcast, so the driver checks the HTTP answers while it broadcasts.
+- Generation is paused (`/pause_generation`, mode "abort": requests still running, e.g. left by a
+  client timeout, are aborted) before an update or a memory release, and continued after.
+- `/health` answers 503 while a server starts. By default it also runs a one-token generation,
+  which must not happen while memory is released: servers are launched with
+  `SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false`, and the generation check
+  (`/health_generate`) runs only while a server holds its memory.
+- `sampling_seed` is honoured only by servers launched with `--enable-deterministic-inference`
+  (`deterministic_inference=True`); otherwise SGLang ignores it and seeded requests are not
+  reproducible (the engine warns once).
 
 Weights reach the servers in one of two ways:
-- "tensor" (colocated with training): each bucket of HF-named tensors is pickled with torch's
-  ForkingPickler (CUDA tensors travel as IPC handles, not bytes), base64-encoded once per engine TP
-  rank and posted to `/update_weights_from_tensor`.
+- "tensor" (colocated with training): each bucket of HF-named tensors is staged on the GPU of each
+  receiving TP rank (`staging_devices`), pickled with torch's ForkingPickler (CUDA tensors travel
+  as IPC handles, not bytes), base64-encoded once per TP rank and posted to
+  `/update_weights_from_tensor`.
 - "distributed": the driver joins a process group with every server rank (driver is rank 0) and,
   per bucket, posts the names / dtypes / shapes to `/update_weights_from_distributed` while it
   broadcasts the tensors in the same order.
@@ -17,25 +32,24 @@ Log-probs are SGLang's `output_token_logprobs`: log_softmax of the temperature-s
 top-p / top-k truncation, the same convention as the HF engine. SGLang also stops at the model's
 EOS token; pass EOS in `stop_token_ids` so both engines agree.
 
-A server that dies (the process exits or its socket fails) is restarted, resynced to the current
-weights version, and the requests it had not finished are sent again.
+A server that dies (the process exits or its socket fails) is killed with its whole process tree,
+restarted, resynced to the current weights version, and the requests it had not finished are sent
+again.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing  # noqa: F401  (registers the tensor reductions ForkingPickler uses)
 
 from megatron_fipo.rollout.engine import (
     EngineHealth,
@@ -49,12 +63,27 @@ from megatron_fipo.rollout.sglang_server import (
     ServerDied,
     ServerSpec,
     SGLangServer,
+    call_each,
     free_port,
-    new_custom_process_group,
-    responds_healthy,
+    generate_payload,
+    join_update_group,
+    leave_update_group,
+    parse_generate_response,
+    raise_first,
+    refused,
+    require_sglang,
+    serialize_named_tensors,
+    staging_devices,
 )
 
-SGLANG_VERSION_RANGE = ">=0.5.23,<0.6"
+SGLANG_VERSION = "0.5.23"
+"""The release whose protocol this engine speaks (pinned in requirements/gpu-constraints.txt)."""
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+"""What `/release_memory_occupation` releases when given no tags (SGLang's GPU_MEMORY_ALL_TYPES)."""
+SERVER_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
+"""Makes `/health` a status check without a generation (it answers 503 while starting)."""
+PAUSE_MODE = "abort"
+"""`/pause_generation` mode: abort running requests (their clients get finish reason abort)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,6 +96,8 @@ class SGLangEngineConfig:
     tp_size: int = 1
     """GPUs per server; server i uses GPUs [base_gpu_id + i * tp_size, ...)."""
     base_gpu_id: int = 0
+    """Physical GPU index of server 0's first rank. Tensor updates are staged on each receiving
+    rank's own GPU (`staging_devices`), never on the process's current device."""
     mem_fraction_static: float = 0.8
     dtype: str = "bfloat16"
     host: str = "127.0.0.1"
@@ -75,6 +106,9 @@ class SGLangEngineConfig:
     group_backend: str = "nccl"
     """Backend of the distributed weight-update group (gloo only for CPU tests)."""
     group_name: str = "fipo_weight_update"
+    deterministic_inference: bool = False
+    """Launch with --enable-deterministic-inference (batch-invariant kernels, slower): the only
+    mode in which SGLang honours per-request seeds."""
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 3600.0
     max_concurrent_requests: int = 256
@@ -88,6 +122,8 @@ class SGLangEngineConfig:
         for name in ("num_servers", "tp_size", "max_concurrent_requests", "update_bucket_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SGLangEngineConfig.{name} must be >= 1")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"SGLangEngineConfig.base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("SGLangEngineConfig.mem_fraction_static must be in (0, 1)")
         if self.weight_update_mode not in ("tensor", "distributed"):
@@ -102,6 +138,7 @@ LaunchCommand = Callable[[SGLangEngineConfig, ServerSpec], list[str]]
 
 def default_launch_command(config: SGLangEngineConfig, spec: ServerSpec) -> list[str]:
     """`python -m sglang.launch_server ...` for one server (token ids in, no tokenizer)."""
+    deterministic = ["--enable-deterministic-inference"] if config.deterministic_inference else []
     return [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", config.model_path,
@@ -113,65 +150,9 @@ def default_launch_command(config: SGLangEngineConfig, spec: ServerSpec) -> list
         "--dtype", config.dtype,
         "--skip-tokenizer-init",
         "--enable-memory-saver",
+        *deterministic,
         *config.extra_server_args,
     ]  # fmt: skip
-
-
-def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """Base64 of a ForkingPickler dump of [(name, tensor)], the format SGLang deserializes."""
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named_tensors)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def sampling_payload(request: GenerationRequest) -> dict[str, Any]:
-    """Our SamplingParams as SGLang's `sampling_params` JSON object."""
-    params = request.sampling
-    payload: dict[str, Any] = {
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1,
-        "max_new_tokens": params.max_new_tokens,
-    }
-    if params.stop_token_ids:
-        payload["stop_token_ids"] = list(params.stop_token_ids)
-    if params.seed is not None:
-        payload["sampling_seed"] = params.seed
-    return payload
-
-
-def parse_generate_response(
-    request: GenerationRequest, body: Any, version: int
-) -> GenerationSample:
-    """Turn one `/generate` response ({output_ids, meta_info}) into a GenerationSample."""
-    if not isinstance(body, dict) or "meta_info" not in body:
-        raise RuntimeError(f"unexpected /generate response for {request.request_id!r}: {body!r}")
-    meta = body["meta_info"]
-    entries = meta.get("output_token_logprobs")
-    if entries is None:
-        raise RuntimeError(
-            f"/generate response for {request.request_id!r} has no output_token_logprobs"
-        )
-    token_ids = [int(entry[1]) for entry in entries]
-    if list(body.get("output_ids", token_ids)) != token_ids:
-        raise RuntimeError(
-            f"/generate {request.request_id!r}: output_ids disagree with logprob tokens"
-        )
-    if version >= 0 and meta.get("weight_version") != str(version):
-        # A server that missed an update would silently produce off-policy samples.
-        raise RuntimeError(
-            f"/generate {request.request_id!r}: server has weights version "
-            f"{meta.get('weight_version')!r}, the engine expects {str(version)!r}"
-        )
-    reason = (meta.get("finish_reason") or {}).get("type", "abort")
-    return GenerationSample(
-        request_id=request.request_id,
-        prompt_token_ids=list(request.prompt_token_ids),
-        response_token_ids=token_ids,
-        log_probs=[float(entry[0]) for entry in entries],
-        finish_reason=reason if reason in ("stop", "length") else "abort",
-        weights_version=version,
-    )
 
 
 class SGLangRolloutEngine(RolloutEngine):
@@ -194,12 +175,14 @@ class SGLangRolloutEngine(RolloutEngine):
         self._weights_source = weights_source
         self._host_weights: list[tuple[str, torch.Tensor]] | None = None
         self._version = -1
-        self._paused = False
+        self._released: set[str] = set()
         self._servers: list[SGLangServer] = []
         self._restart_counts = [0] * config.num_servers
         self._lock = threading.RLock()
         self._group: dist.ProcessGroup | None = None
+        self._group_broken = False
         self._update_incomplete = False
+        self._warned_seeds = False
 
     # ----- lifecycle -----
 
@@ -207,11 +190,13 @@ class SGLangRolloutEngine(RolloutEngine):
         """Start every server, wait until all are healthy, and set up the update group."""
         if self._servers:
             return self
+        if self._launch is default_launch_command:
+            require_sglang(SGLANG_VERSION)  # the servers run under this interpreter
         self._servers = [self._spawn(index, 0) for index in range(self.config.num_servers)]
         for server in self._servers:
             server.wait_healthy(self.config.startup_timeout_s)
         if self.config.weight_update_mode == "distributed":
-            self._init_update_group()
+            self._init_update_group(self._servers)
         return self
 
     def _spawn(self, index: int, launch_count: int) -> SGLangServer:
@@ -222,7 +207,7 @@ class SGLangRolloutEngine(RolloutEngine):
             base_gpu_id=self.config.base_gpu_id + index * self.config.tp_size,
             launch_count=launch_count,
         )
-        return SGLangServer(spec, self._launch(self.config, spec))
+        return SGLangServer(spec, self._launch(self.config, spec), env=SERVER_ENV)
 
     def shutdown(self) -> None:
         for server in self._servers:
@@ -249,7 +234,7 @@ class SGLangRolloutEngine(RolloutEngine):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationSample]:
         """Send each request to server (i mod num_servers) concurrently; results in order."""
         validate_requests(requests)
-        if self._paused:
+        if self._released:
             raise RuntimeError(
                 "SGLangRolloutEngine.generate called while paused; call resume() first"
             )
@@ -260,17 +245,23 @@ class SGLangRolloutEngine(RolloutEngine):
         self.start()
         if not requests:
             return []
+        if not self.config.deterministic_inference and not self._warned_seeds:
+            if any(request.sampling.seed is not None for request in requests):
+                self._warned_seeds = True
+                warnings.warn(
+                    "SGLang ignores per-request seeds unless its servers run with "
+                    "--enable-deterministic-inference (rollout.deterministic_inference=true): "
+                    "these samples are not reproducible",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         workers = min(self.config.max_concurrent_requests, len(requests))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(self._generate_one, range(len(requests)), requests))
 
     def _generate_one(self, position: int, request: GenerationRequest) -> GenerationSample:
         index = position % self.config.num_servers
-        payload = {
-            "input_ids": list(request.prompt_token_ids),
-            "sampling_params": sampling_payload(request),
-            "return_logprob": True,
-        }
+        payload = generate_payload(request)
         # Each failed attempt either restarts the server (bounded by max_restarts) or finds it
         # healthy again; the attempt cap stops a server that keeps failing while looking healthy.
         for _ in range(self.config.max_restarts + 3):
@@ -294,7 +285,7 @@ class SGLangRolloutEngine(RolloutEngine):
         with self._lock:
             if self._servers[index] is not failed:
                 return  # another thread already replaced it
-            if failed.alive() and responds_healthy(failed):
+            if failed.alive() and failed.liveness() == "up":
                 return  # a transient socket error; retry on the same server
             if self._restart_counts[index] >= self.config.max_restarts:
                 raise ServerDied(
@@ -302,26 +293,35 @@ class SGLangRolloutEngine(RolloutEngine):
                     f"its last output:\n{failed.log_tail()}"
                 )
             self._restart_counts[index] += 1
-            failed.kill()
+            failed.kill()  # the whole tree, so the replacement finds its GPUs free
             server = self._spawn(index, self._restart_counts[index])
-            server.wait_healthy(self.config.startup_timeout_s)
-            self._servers[index] = server
-            self._resync(index)
+            try:
+                server.wait_healthy(self.config.startup_timeout_s)
+                self._resync(index, server)
+            except BaseException:
+                server.kill()
+                raise
+            self._servers[index] = server  # only now do other threads send it requests
 
-    def _resync(self, index: int) -> None:
-        """Bring a restarted server to the current weights version (and memory state)."""
-        if self.config.weight_update_mode == "distributed":
-            self._init_update_group()  # the old group lost a member; every rank rejoins
-        if self._version >= 0:
-            weights = self._current_weights()
-            if self.config.weight_update_mode == "tensor":
-                self._push_tensor([self._servers[index]], weights, self._version)
-            else:
-                self._push_distributed(weights, self._version)
-        if self._paused:
-            self._servers[index].post_ok(
-                "/release_memory_occupation", {}, self.config.request_timeout_s
-            )
+    def _resync(self, index: int, server: SGLangServer) -> None:
+        """Bring `server`, replacing server `index`, to the current weights version and memory
+        state."""
+        servers = [server if i == index else s for i, s in enumerate(self._servers)]
+        distributed = self.config.weight_update_mode == "distributed"
+        if distributed:
+            self._init_update_group(servers)  # the old group lost a member; every rank rejoins
+        if self._version >= 0 and distributed and "weights" in self._released:
+            # The other servers' weights are released and cannot take a broadcast now; the
+            # update that follows resume() brings every server to one version.
+            self._update_incomplete = True
+        elif self._version >= 0:
+            weights, version = self._current_weights(), self._version
+            targets = servers if distributed else [server]
+            self._in_session(targets, lambda: self._push(targets, weights, version))
+        if self._released:
+            timeout = self.config.request_timeout_s
+            server.post_ok("/pause_generation", {"mode": PAUSE_MODE}, timeout)
+            server.post_ok("/release_memory_occupation", {"tags": self._release_order()}, timeout)
 
     def _current_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         if self._weights_source is not None:
@@ -337,62 +337,115 @@ class SGLangRolloutEngine(RolloutEngine):
     ) -> None:
         """Push HF-named full tensors to every server in buckets; the last bucket sets `version`.
 
-        Dead servers are restarted first. If a server fails midway the engine refuses to
-        generate (servers may hold a mix of two versions) until an update succeeds.
+        Dead servers are restarted first. Generation is paused (running requests aborted) for
+        the update and continued after. If a server fails midway the engine refuses to generate
+        (servers may hold a mix of two versions) until an update succeeds.
         """
+        if "weights" in self._released:
+            raise RuntimeError(
+                "SGLangRolloutEngine.update_weights called while the weights' memory is released; "
+                "call resume() first"
+            )
         self.start()
         with self._lock:
             for index, server in enumerate(self._servers):
-                if not server.alive():
+                if not (server.alive() and server.liveness() == "up"):
                     self._recover(index, server)
             self._update_incomplete = True
             stream: Iterable[tuple[str, torch.Tensor]] = named_tensors
             if self._weights_source is None:
                 kept: list[tuple[str, torch.Tensor]] = []
                 stream = _keep_host_copy(named_tensors, kept)
-            if self.config.weight_update_mode == "tensor":
-                self._push_tensor(self._servers, stream, version)
-            else:
-                self._push_distributed(stream, version)
+            self._in_session(self._servers, lambda: self._push(self._servers, stream, version))
             if self._weights_source is None:
                 self._host_weights = kept
             self._version = int(version)
             self._update_incomplete = False
 
+    def _in_session(self, servers: list[SGLangServer], push: Callable[[], None]) -> None:
+        """pause generation -> begin session -> push -> end session -> continue generation.
+
+        The session is ended on every server that opened one and generation is continued
+        (unless memory is released) also when `push` fails.
+        """
+        timeout = self.config.request_timeout_s
+        opened: list[SGLangServer] = []
+        try:
+            raise_first(call_each(servers, "/pause_generation", {"mode": PAUSE_MODE}, timeout))
+            began = call_each(servers, "/begin_weight_update", {}, timeout)
+            opened = [server for server, error in zip(servers, began) if error is None]
+            raise_first(began)
+            push()
+        except BaseException as error:
+            self._close_session(servers, opened, error)
+            raise
+        self._close_session(servers, opened, None)
+
+    def _close_session(
+        self, servers: list[SGLangServer], opened: list[SGLangServer], error: BaseException | None
+    ) -> None:
+        """End the session on `opened`, continue generation on `servers`; raise the first
+        failure, or attach them to `error` when one is already propagating."""
+        timeout = self.config.request_timeout_s
+        failures = call_each(opened, "/end_weight_update", {}, timeout)
+        if not self._released:
+            alive = [server for server in servers if server.alive()]
+            failures += call_each(alive, "/continue_generation", {}, timeout)
+        if error is None:
+            raise_first(failures)
+        for failure in failures:
+            if failure is not None:
+                error.add_note(f"closing the weight-update session also failed: {failure}")
+
+    def _push(
+        self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        if self.config.weight_update_mode == "tensor":
+            self._push_tensor(servers, named, version)
+        else:
+            self._push_distributed(servers, named, version)  # all of them take every broadcast
+
     def _push_tensor(
         self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        # SGLang unpickles only CUDA tensors (IPC handles): host tensors (e.g. received through
-        # Ray) are staged on this process's GPU, one bucket at a time. Without CUDA (the CPU
-        # tests) they stay on the host.
-        staging = (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        )
+        """Post each bucket to every server; the last one records `version`."""
+        cuda = torch.cuda.is_available()
+        devices = [staging_devices(s.spec.base_gpu_id, self.config.tp_size, cuda) for s in servers]
         for bucket, is_last in _mark_last(iter_buckets(named, self.config.update_bucket_bytes)):
-            bucket = [(name, _staged(tensor, staging)) for name, tensor in bucket]
+            # One copy per receiving TP rank on that rank's GPU, kept alive until the servers
+            # answer (they open its IPC handle), and one pickle each: an unpickle consumes the
+            # IPC / shared-memory reference its pickle took.
+            staged = [
+                [[(name, _staged(t, device)) for name, t in bucket] for device in server_devices]
+                for server_devices in devices
+            ]
             payloads = []
-            for _ in servers:
-                # One pickle per receiving TP rank: each unpickle consumes the shared-memory / IPC
-                # reference its pickle took, so a pickle read twice would find its storage gone.
+            for copies in staged:
                 payload: dict[str, Any] = {
-                    "serialized_named_tensors": [
-                        serialize_named_tensors(bucket) for _ in range(self.config.tp_size)
-                    ],
+                    "serialized_named_tensors": [serialize_named_tensors(c) for c in copies],
                     "flush_cache": is_last,
                 }
                 if is_last:
                     payload["weight_version"] = str(version)
                 payloads.append(payload)
-            path = "/update_weights_from_tensor"
             timeout = self.config.request_timeout_s
             with ThreadPoolExecutor(max_workers=len(servers)) as pool:
                 futures = [
-                    pool.submit(s.post_ok, path, p, timeout) for s, p in zip(servers, payloads)
+                    pool.submit(s.post_ok, "/update_weights_from_tensor", p, timeout)
+                    for s, p in zip(servers, payloads)
                 ]
                 for future in futures:
                     future.result()
+            del staged
 
-    def _push_distributed(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def _push_distributed(
+        self, servers: list[SGLangServer], named: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        if self._group_broken:
+            raise RuntimeError(
+                "the weight-update group is broken (a broadcast was left unmatched after a server "
+                "refused a bucket); restart the engine"
+            )
         assert self._group is not None, "distributed update group not initialised"
         for bucket, is_last in _mark_last(iter_buckets(named, self.config.update_bucket_bytes)):
             tensors = [t.detach().contiguous() for _, t in bucket]
@@ -406,7 +459,7 @@ class SGLangRolloutEngine(RolloutEngine):
             if is_last:
                 payload["weight_version"] = str(version)
             # The servers block in the HTTP call until they have received every broadcast.
-            with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
+            with ThreadPoolExecutor(max_workers=len(servers)) as pool:
                 futures = [
                     pool.submit(
                         s.post_ok,
@@ -414,97 +467,108 @@ class SGLangRolloutEngine(RolloutEngine):
                         payload,
                         self.config.request_timeout_s,
                     )
-                    for s in self._servers
+                    for s in servers
                 ]
                 handles = [
                     dist.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors
                 ]
-                for handle in handles:
-                    handle.wait()
-                for future in futures:
-                    future.result()
+                self._wait_broadcast(handles, futures)
 
-    def _init_update_group(self) -> None:
-        """(Re)build the group of the driver (rank 0) and every server rank."""
+    def _wait_broadcast(self, handles: list[Any], futures: list[Future]) -> None:
+        """Wait for the broadcasts, failing fast when a server answers without joining them (a
+        refused bucket): the broadcast would otherwise wait for the group's timeout."""
+        while not all(handle.is_completed() for handle in handles):
+            # A server that died is handled by the broadcast failing and the restart that follows.
+            failed = [f for f in futures if f.done() and refused(f)]
+            if failed:
+                self._group_broken = True
+                raise RuntimeError(
+                    f"a server refused a weight bucket while the driver was broadcasting it: "
+                    f"{failed[0].exception()}"
+                )
+            time.sleep(0.005)
+        for handle in handles:
+            handle.wait()
+        for future in futures:
+            future.result()
+
+    def _init_update_group(self, servers: list[SGLangServer]) -> None:
+        """(Re)build the group of the driver (rank 0) and every rank of `servers`."""
         config = self.config
         if self._group is not None:
-            for server in self._servers:
-                if server.alive():
-                    server.request(
-                        "POST",
-                        "/destroy_weights_update_group",
-                        {"group_name": config.group_name},
-                        60.0,
-                    )
-            dist.destroy_process_group(self._group)
+            leave_update_group(self._servers, self._group, config.group_name)
             self._group = None
-        port = free_port(config.host)
-        world_size = 1 + config.num_servers * config.tp_size
-        with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
-            futures = [
-                pool.submit(
-                    server.post_ok,
-                    "/init_weights_update_group",
-                    {
-                        "master_address": config.host,
-                        "master_port": port,
-                        "rank_offset": 1 + index * config.tp_size,
-                        "world_size": world_size,
-                        "group_name": config.group_name,
-                        "backend": config.group_backend,
-                    },
-                    config.startup_timeout_s,
-                )
-                for index, server in enumerate(self._servers)
-            ]
-            self._group = new_custom_process_group(
-                config.host, port, world_size, 0, config.group_name, config.group_backend
-            )
-            for future in futures:
-                future.result()
+        self._group = join_update_group(
+            servers,
+            host=config.host,
+            tp_size=config.tp_size,
+            group_name=config.group_name,
+            backend=config.group_backend,
+            timeout_s=config.startup_timeout_s,
+        )
 
     # ----- memory and health -----
 
     def pause(self, tags: list[str] | None = None) -> None:
-        """Flush the KV cache, then release GPU memory (weights and KV cache, or `tags`)."""
+        """Pause generation (aborting running requests), flush the KV cache, then release GPU
+        memory: all of it (weights, KV cache, CUDA graphs) or `tags`."""
+        wanted = set(MEMORY_TAGS if not tags else tags)
+        unknown = wanted - set(MEMORY_TAGS)
+        if unknown:
+            raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
         self.start()
         timeout = self.config.request_timeout_s
-        _on_each(self._servers, "/flush_cache", {}, timeout)
-        _on_each(
-            self._servers, "/release_memory_occupation", {"tags": tags} if tags else {}, timeout
-        )
-        self._paused = True
+        raise_first(call_each(self._servers, "/pause_generation", {"mode": PAUSE_MODE}, timeout))
+        raise_first(call_each(self._servers, "/flush_cache", {}, timeout))
+        new = sorted(wanted - self._released, key=MEMORY_TAGS.index)
+        if new:
+            payload = {"tags": new}  # explicit: SGLang would release an empty list as every tag
+            raise_first(call_each(self._servers, "/release_memory_occupation", payload, timeout))
+            self._released |= set(new)
 
     def resume(self, tags: list[str] | None = None) -> None:
-        """Retake the released memory. Weight contents are not guaranteed after a release
-        (unless the servers run with --enable-weights-cpu-backup): call `update_weights` next."""
+        """Retake released memory (all of it, or `tags`), then continue generation once nothing
+        is released. Weight contents are not guaranteed after a release (unless the servers run
+        with --enable-weights-cpu-backup): call `update_weights` next."""
+        wanted = set(self._released if not tags else tags)
+        if not wanted <= self._released:
+            raise ValueError(
+                f"cannot resume memory tags {sorted(wanted - self._released)}: not released "
+                f"(released: {sorted(self._released)})"
+            )
         timeout = self.config.request_timeout_s
-        _on_each(
-            self._servers, "/resume_memory_occupation", {"tags": tags} if tags else {}, timeout
-        )
-        self._paused = False
+        if wanted:
+            # Explicit tags: an empty list would ask SGLang to resume every tag, including ones
+            # never released, which it refuses.
+            payload = {"tags": sorted(wanted, key=MEMORY_TAGS.index)}
+            raise_first(call_each(self._servers, "/resume_memory_occupation", payload, timeout))
+            self._released -= wanted
+        if not self._released:
+            raise_first(call_each(self._servers, "/continue_generation", {}, timeout))
+
+    def _release_order(self) -> list[str]:
+        return sorted(self._released, key=MEMORY_TAGS.index)
 
     def health(self) -> EngineHealth:
-        problems = [
-            f"server {server.spec.index} {'unhealthy' if server.alive() else 'exited'}"
-            for server in self._servers
-            if not (server.alive() and responds_healthy(server))
-        ]
+        """`/health` per server (503: still starting); while the servers hold their memory, also
+        a one-token generation (`/health_generate`)."""
+        problems = []
+        for server in self._servers:
+            name = f"server {server.spec.index}"
+            if not server.alive():
+                problems.append(f"{name} exited")
+            elif (state := server.liveness()) != "up":
+                problems.append(f"{name} {state}")
+            elif not self._released and not server.generates():
+                problems.append(f"{name} failed its generation check")
         if not self._servers:
             problems.append("not started")
         return EngineHealth(
             healthy=not problems,
-            paused=self._paused,
+            paused=bool(self._released),
             weights_version=self._version,
             detail="; ".join(problems),
         )
-
-
-def _on_each(servers: list[SGLangServer], path: str, payload: Any, timeout_s: float) -> None:
-    """POST the same payload to every server at once; raise the first failure."""
-    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-        for future in [pool.submit(s.post_ok, path, payload, timeout_s) for s in servers]:
-            future.result()
 
 
 def _mark_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
@@ -522,7 +586,7 @@ def _mark_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
 
 def _staged(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     tensor = tensor.detach()
-    if device is not None and tensor.device.type == "cpu":
+    if device is not None and tensor.device != device:
         tensor = tensor.to(device)
     return tensor.contiguous()
 

@@ -1,24 +1,43 @@
-"""SGLang server processes: one owned `python -m sglang.launch_server` and its HTTP endpoint.
+"""SGLang server processes: one owned `python -m sglang.launch_server` tree and its HTTP endpoint.
 
-Also the driver side of SGLang's weight-update process group. Used by `sglang_engine.py`; the
-tests' stand-in server uses `new_custom_process_group` to join the same group the way SGLang does.
+Also the wire formats (sampling parameters, `/generate` responses, serialized tensor buckets) and
+the driver side of SGLang's weight-update process group. Used by `sglang_engine.py`; the tests'
+stand-in server uses `new_custom_process_group` to join the same group the way SGLang does.
+
+The launcher starts child processes (one scheduler per TP rank, a detokenizer) that hold the GPU
+memory. Each server runs in its own session, so `kill()` can end the whole process group and wait
+until every process of it is gone before a replacement starts on the same GPUs.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
+import importlib.metadata
+import io
 import json
-import socket
+import os
+import signal
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Literal
 
+import psutil
+import torch
 import torch.distributed as dist
+import torch.multiprocessing  # noqa: F401  (registers the tensor reductions ForkingPickler uses)
+
+from megatron_fipo.rollout.engine import GenerationRequest, GenerationSample
+
+Liveness = Literal["up", "starting", "unreachable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +48,7 @@ class ServerSpec:
     host: str
     port: int
     base_gpu_id: int
+    """First GPU of the server; its TP rank r uses GPU base_gpu_id + r."""
     launch_count: int
     """0 for the first start, then 1, 2, ... for restarts."""
 
@@ -38,18 +58,29 @@ class ServerDied(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port for a server to listen on soon (outside the ephemeral range: see
+    :func:`megatron_fipo.megatron.distributed.free_port`)."""
+    from megatron_fipo.megatron.distributed import free_port as listen_port
+
+    return listen_port(host)
 
 
 class SGLangServer:
-    """One owned server process and its HTTP endpoint."""
+    """One owned server process tree and its HTTP endpoint."""
 
-    def __init__(self, spec: ServerSpec, command: list[str]) -> None:
+    def __init__(
+        self, spec: ServerSpec, command: list[str], env: Mapping[str, str] | None = None
+    ) -> None:
         self.spec = spec
         self.url = f"http://{spec.host}:{spec.port}"
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # A session of its own: the launcher's pid is then the process group of its whole tree.
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         self._log: list[str] = []
         threading.Thread(target=self._drain_log, daemon=True).start()
 
@@ -64,7 +95,25 @@ class SGLangServer:
     def log_tail(self) -> str:
         return "\n".join(self._log)
 
+    def liveness(self) -> Liveness:
+        """`GET /health`: 200 is up, 503 is still starting (or shutting down), no answer is
+        unreachable. The engine launches servers with health-endpoint generation off, so this
+        runs no generation (safe while memory is released)."""
+        try:
+            status, _ = self.request("GET", "/health", None, timeout_s=10.0)
+        except ServerDied:
+            return "unreachable"
+        return "up" if status == 200 else "starting" if status == 503 else "unreachable"
+
+    def generates(self, timeout_s: float = 60.0) -> bool:
+        """`GET /health_generate`: a one-token generation. Only while the server holds its memory."""
+        try:
+            return self.request("GET", "/health_generate", None, timeout_s)[0] == 200
+        except ServerDied:
+            return False
+
     def wait_healthy(self, timeout_s: float) -> None:
+        """Wait until `/health` answers 200 (503 means the server is still starting)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
@@ -72,11 +121,8 @@ class SGLangServer:
                     f"SGLang server {self.spec.index} exited with code {self.process.returncode} "
                     f"during start-up; its last output:\n{self.log_tail()}"
                 )
-            try:
-                if self.request("GET", "/health", None, timeout_s=5.0)[0] == 200:
-                    return
-            except ServerDied:
-                pass
+            if self.liveness() == "up":
+                return
             time.sleep(0.2)
         raise TimeoutError(f"SGLang server {self.spec.index} not healthy after {timeout_s} s")
 
@@ -103,10 +149,47 @@ class SGLangServer:
             raise RuntimeError(f"SGLang server {self.spec.index} {path} failed ({status}): {body}")
         return body
 
-    def kill(self) -> None:
-        if self.alive():
-            self.process.kill()
+    def kill(self, timeout_s: float = 60.0) -> None:
+        """SIGKILL the whole process group and wait until none of its processes is left.
+
+        Killing only the launcher would leave its scheduler and detokenizer children holding GPU
+        memory while a replacement starts on the same GPUs.
+        """
+        group = self.process.pid  # the session leader's pid is the group id
+        members = _group_members(group)
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # every member already gone
         self.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while left := [p for p in members + _group_members(group) if _running(p)]:
+            if time.monotonic() > deadline:
+                pids = sorted({p.pid for p in left})
+                raise RuntimeError(
+                    f"SGLang server {self.spec.index}: processes {pids} of its tree survived "
+                    f"SIGKILL for {timeout_s} s"
+                )
+            time.sleep(0.05)
+
+
+def _group_members(group: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group:
+                members.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (a zombie holds no memory; its reaper may be another process)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _parse_body(raw: bytes) -> Any:
@@ -146,8 +229,168 @@ def new_custom_process_group(
     return group
 
 
-def responds_healthy(server: SGLangServer) -> bool:
+def join_update_group(
+    servers: list[SGLangServer],
+    *,
+    host: str,
+    tp_size: int,
+    group_name: str,
+    backend: str,
+    timeout_s: float,
+) -> dist.ProcessGroup:
+    """The weight-update group of the driver (rank 0) and every server rank (server i's TP rank
+    r is rank 1 + i * tp_size + r); the servers join through `/init_weights_update_group`."""
+    port = free_port(host)
+    world_size = 1 + len(servers) * tp_size
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        futures = [
+            pool.submit(
+                server.post_ok,
+                "/init_weights_update_group",
+                {
+                    "master_address": host,
+                    "master_port": port,
+                    "rank_offset": 1 + index * tp_size,
+                    "world_size": world_size,
+                    "group_name": group_name,
+                    "backend": backend,
+                },
+                timeout_s,
+            )
+            for index, server in enumerate(servers)
+        ]
+        group = new_custom_process_group(host, port, world_size, 0, group_name, backend)
+        for future in futures:
+            future.result()
+    return group
+
+
+def leave_update_group(
+    servers: list[SGLangServer], group: dist.ProcessGroup, group_name: str
+) -> None:
+    """Destroy the group on the driver and on every server still running."""
+    for server in servers:
+        if server.alive():
+            server.request(
+                "POST", "/destroy_weights_update_group", {"group_name": group_name}, 60.0
+            )
+    dist.destroy_process_group(group)
+
+
+def staging_devices(
+    base_gpu_id: int, tp_size: int, cuda_available: bool
+) -> list[torch.device | None]:
+    """Where to stage a bucket for each TP rank of a server whose first GPU is `base_gpu_id`.
+
+    Rank r opens the CUDA IPC handle of its payload on GPU base_gpu_id + r, so its copy is staged
+    there (physical indices: Ray leaves CUDA_VISIBLE_DEVICES unset in the engine actor, where the
+    current device is GPU 0). Without CUDA (the CPU tests) tensors stay on the host (None).
+    """
+    if not cuda_available:
+        return [None] * tp_size
+    return [torch.device("cuda", base_gpu_id + rank) for rank in range(tp_size)]
+
+
+def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """Base64 of a ForkingPickler dump of [(name, tensor)], the format SGLang deserializes."""
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(named_tensors)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def require_sglang(version: str) -> None:
+    """Raise unless this interpreter has sglang `version` (the protocol the client speaks)."""
     try:
-        return server.request("GET", "/health", None, timeout_s=10.0)[0] == 200
-    except ServerDied:
-        return False
+        installed = importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"rollout.engine=sglang needs sglang=={version} in this interpreter; install the GPU "
+            f"set (README, GPU install: pip install -c requirements/gpu-constraints.txt ...)"
+        ) from None
+    if installed != version:
+        raise RuntimeError(
+            f"sglang {installed} is installed, but this engine speaks the HTTP protocol of sglang "
+            f"{version}; install the pinned set in requirements/gpu-constraints.txt"
+        )
+
+
+def generate_payload(request: GenerationRequest) -> dict[str, Any]:
+    """The `/generate` body of one request (token ids in, log-probs out)."""
+    return {
+        "input_ids": list(request.prompt_token_ids),
+        "sampling_params": sampling_payload(request),
+        "return_logprob": True,
+    }
+
+
+def sampling_payload(request: GenerationRequest) -> dict[str, Any]:
+    """Our SamplingParams as SGLang's `sampling_params` JSON object."""
+    params = request.sampling
+    payload: dict[str, Any] = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "max_new_tokens": params.max_new_tokens,
+    }
+    if params.stop_token_ids:
+        payload["stop_token_ids"] = list(params.stop_token_ids)
+    if params.seed is not None:
+        payload["sampling_seed"] = params.seed
+    return payload
+
+
+def parse_generate_response(
+    request: GenerationRequest, body: Any, version: int
+) -> GenerationSample:
+    """Turn one `/generate` response ({output_ids, meta_info}) into a GenerationSample."""
+    if not isinstance(body, dict) or "meta_info" not in body:
+        raise RuntimeError(f"unexpected /generate response for {request.request_id!r}: {body!r}")
+    meta = body["meta_info"]
+    entries = meta.get("output_token_logprobs")
+    if entries is None:
+        raise RuntimeError(
+            f"/generate response for {request.request_id!r} has no output_token_logprobs"
+        )
+    token_ids = [int(entry[1]) for entry in entries]
+    if list(body.get("output_ids", token_ids)) != token_ids:
+        raise RuntimeError(
+            f"/generate {request.request_id!r}: output_ids disagree with logprob tokens"
+        )
+    if version >= 0 and meta.get("weight_version") != str(version):
+        # A server that missed an update would silently produce off-policy samples.
+        raise RuntimeError(
+            f"/generate {request.request_id!r}: server has weights version "
+            f"{meta.get('weight_version')!r}, the engine expects {str(version)!r}"
+        )
+    reason = (meta.get("finish_reason") or {}).get("type", "abort")
+    return GenerationSample(
+        request_id=request.request_id,
+        prompt_token_ids=list(request.prompt_token_ids),
+        response_token_ids=token_ids,
+        log_probs=[float(entry[0]) for entry in entries],
+        finish_reason=reason if reason in ("stop", "length") else "abort",
+        weights_version=version,
+    )
+
+
+def call_each(
+    servers: list[SGLangServer], path: str, payload: Any, timeout_s: float
+) -> list[BaseException | None]:
+    """POST the same payload to every server at once; each server's error (None: success)."""
+    if not servers:
+        return []
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        futures = [pool.submit(s.post_ok, path, payload, timeout_s) for s in servers]
+        return [future.exception() for future in futures]
+
+
+def raise_first(errors: list[BaseException | None]) -> None:
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def refused(future: Future) -> bool:
+    """The server answered the request with a failure (as opposed to dying)."""
+    error = future.exception()
+    return error is not None and not isinstance(error, ServerDied)

@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,9 +59,11 @@ from megatron_fipo.rollout.engine import (
     validate_requests,
 )
 from megatron_fipo.rollout.sglang_server import (
+    BroadcastRefused,
     ServerDied,
     ServerSpec,
     SGLangServer,
+    broadcast_bucket,
     call_each,
     free_port,
     generate_payload,
@@ -70,10 +71,10 @@ from megatron_fipo.rollout.sglang_server import (
     leave_update_group,
     parse_generate_response,
     raise_first,
-    refused,
     require_sglang,
     serialize_named_tensors,
     staging_devices,
+    tensor_bucket_payload,
 )
 
 SGLANG_VERSION = "0.5.23"
@@ -419,15 +420,12 @@ class SGLangRolloutEngine(RolloutEngine):
                 [[(name, _staged(t, device)) for name, t in bucket] for device in server_devices]
                 for server_devices in devices
             ]
-            payloads = []
-            for copies in staged:
-                payload: dict[str, Any] = {
-                    "serialized_named_tensors": [serialize_named_tensors(c) for c in copies],
-                    "flush_cache": is_last,
-                }
-                if is_last:
-                    payload["weight_version"] = str(version)
-                payloads.append(payload)
+            payloads = [
+                tensor_bucket_payload(
+                    [serialize_named_tensors(c) for c in copies], last=is_last, version=version
+                )
+                for copies in staged
+            ]
             timeout = self.config.request_timeout_s
             with ThreadPoolExecutor(max_workers=len(servers)) as pool:
                 futures = [
@@ -448,49 +446,19 @@ class SGLangRolloutEngine(RolloutEngine):
             )
         assert self._group is not None, "distributed update group not initialised"
         for bucket, is_last in _mark_last(iter_buckets(named, self.config.update_bucket_bytes)):
-            tensors = [t.detach().contiguous() for _, t in bucket]
-            payload: dict[str, Any] = {
-                "names": [name for name, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
-                "shapes": [list(t.shape) for t in tensors],
-                "group_name": self.config.group_name,
-                "flush_cache": is_last,
-            }
-            if is_last:
-                payload["weight_version"] = str(version)
-            # The servers block in the HTTP call until they have received every broadcast.
-            with ThreadPoolExecutor(max_workers=len(servers)) as pool:
-                futures = [
-                    pool.submit(
-                        s.post_ok,
-                        "/update_weights_from_distributed",
-                        payload,
-                        self.config.request_timeout_s,
-                    )
-                    for s in servers
-                ]
-                handles = [
-                    dist.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors
-                ]
-                self._wait_broadcast(handles, futures)
-
-    def _wait_broadcast(self, handles: list[Any], futures: list[Future]) -> None:
-        """Wait for the broadcasts, failing fast when a server answers without joining them (a
-        refused bucket): the broadcast would otherwise wait for the group's timeout."""
-        while not all(handle.is_completed() for handle in handles):
-            # A server that died is handled by the broadcast failing and the restart that follows.
-            failed = [f for f in futures if f.done() and refused(f)]
-            if failed:
-                self._group_broken = True
-                raise RuntimeError(
-                    f"a server refused a weight bucket while the driver was broadcasting it: "
-                    f"{failed[0].exception()}"
+            try:
+                broadcast_bucket(
+                    servers,
+                    self._group,
+                    bucket,
+                    group_name=self.config.group_name,
+                    last=is_last,
+                    version=version,
+                    timeout_s=self.config.request_timeout_s,
                 )
-            time.sleep(0.005)
-        for handle in handles:
-            handle.wait()
-        for future in futures:
-            future.result()
+            except BroadcastRefused:
+                self._group_broken = True
+                raise
 
     def _init_update_group(self, servers: list[SGLangServer]) -> None:
         """(Re)build the group of the driver (rank 0) and every rank of `servers`."""

@@ -65,14 +65,45 @@ def free_port(host: str = "127.0.0.1") -> int:
     return listen_port(host)
 
 
-class SGLangServer:
+class ServerClient:
+    """The HTTP side of one server: what any process that knows its :class:`ServerSpec` can
+    call (the engine that owns it, or a training rank posting weight buckets to it)."""
+
+    def __init__(self, spec: ServerSpec) -> None:
+        self.spec = spec
+        self.url = f"http://{spec.host}:{spec.port}"
+
+    def request(self, method: str, path: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
+        """One HTTP call; returns (status, parsed JSON or text). Raises ServerDied on I/O failure."""
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as response:
+                return response.status, _parse_body(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, _parse_body(error.read())
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            raise ServerDied(
+                f"SGLang server {self.spec.index} at {self.url}{path}: {error}"
+            ) from error
+
+    def post_ok(self, path: str, payload: Any, timeout_s: float) -> Any:
+        """POST and require success (HTTP 200 and, where present, `success: true`)."""
+        status, body = self.request("POST", path, payload, timeout_s)
+        failed = isinstance(body, dict) and body.get("success") is False
+        if status != 200 or failed:
+            raise RuntimeError(f"SGLang server {self.spec.index} {path} failed ({status}): {body}")
+        return body
+
+
+class SGLangServer(ServerClient):
     """One owned server process tree and its HTTP endpoint."""
 
     def __init__(
         self, spec: ServerSpec, command: list[str], env: Mapping[str, str] | None = None
     ) -> None:
-        self.spec = spec
-        self.url = f"http://{spec.host}:{spec.port}"
+        super().__init__(spec)
         # A session of its own: the launcher's pid is then the process group of its whole tree.
         self.process = subprocess.Popen(
             command,
@@ -125,29 +156,6 @@ class SGLangServer:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"SGLang server {self.spec.index} not healthy after {timeout_s} s")
-
-    def request(self, method: str, path: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
-        """One HTTP call; returns (status, parsed JSON or text). Raises ServerDied on I/O failure."""
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as response:
-                return response.status, _parse_body(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, _parse_body(error.read())
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-            raise ServerDied(
-                f"SGLang server {self.spec.index} at {self.url}{path}: {error}"
-            ) from error
-
-    def post_ok(self, path: str, payload: Any, timeout_s: float) -> Any:
-        """POST and require success (HTTP 200 and, where present, `success: true`)."""
-        status, body = self.request("POST", path, payload, timeout_s)
-        failed = isinstance(body, dict) and body.get("success") is False
-        if status != 200 or failed:
-            raise RuntimeError(f"SGLang server {self.spec.index} {path} failed ({status}): {body}")
-        return body
 
     def kill(self, timeout_s: float = 60.0) -> None:
         """SIGKILL the whole process group and wait until none of its processes is left.
@@ -394,3 +402,67 @@ def refused(future: Future) -> bool:
     """The server answered the request with a failure (as opposed to dying)."""
     error = future.exception()
     return error is not None and not isinstance(error, ServerDied)
+
+
+def tensor_bucket_payload(
+    serialized: list[str], *, last: bool, version: int, flush_cache: bool = True
+) -> dict[str, Any]:
+    """`/update_weights_from_tensor` body: one serialized [(name, tensor)] per TP rank of the
+    server; the last bucket of an update records the weights version (and flushes the cache)."""
+    payload: dict[str, Any] = {
+        "serialized_named_tensors": serialized,
+        "flush_cache": last and flush_cache,
+    }
+    if last:
+        payload["weight_version"] = str(version)
+    return payload
+
+
+class BroadcastRefused(RuntimeError):
+    """A server answered a distributed bucket with a failure instead of joining its broadcast:
+    the group's collectives are out of step and the group must be rebuilt."""
+
+
+def broadcast_bucket(
+    servers: list[ServerClient],
+    group: dist.ProcessGroup,
+    named: list[tuple[str, torch.Tensor]],
+    *,
+    group_name: str,
+    last: bool,
+    version: int,
+    timeout_s: float,
+) -> None:
+    """One bucket over an update group (this process is its rank 0): the names, dtypes and shapes
+    to every server's `/update_weights_from_distributed` (they block until they have received
+    every tensor) while the tensors are broadcast in that order."""
+    tensors = [t.detach().contiguous() for _, t in named]
+    payload: dict[str, Any] = {
+        "names": [name for name, _ in named],
+        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+        "shapes": [list(t.shape) for t in tensors],
+        "group_name": group_name,
+        "flush_cache": last,
+    }
+    if last:
+        payload["weight_version"] = str(version)
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        futures = [
+            pool.submit(s.post_ok, "/update_weights_from_distributed", payload, timeout_s)
+            for s in servers
+        ]
+        handles = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+        # A server that refuses the bucket never joins the broadcast, which would then wait for
+        # the group's timeout: fail as soon as such an answer arrives.
+        while not all(handle.is_completed() for handle in handles):
+            failed = [f for f in futures if f.done() and refused(f)]
+            if failed:
+                raise BroadcastRefused(
+                    f"a server refused a weight bucket while it was being broadcast: "
+                    f"{failed[0].exception()}"
+                )
+            time.sleep(0.005)
+        for handle in handles:
+            handle.wait()
+        for future in futures:
+            future.result()

@@ -23,7 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from megatron_fipo.cluster.engine_links import colocated_routes
+from megatron_fipo.cluster.colocation import EngineLifecycle
+from megatron_fipo.cluster.engine_links import broadcast_routes, colocated_routes
 from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
 from megatron_fipo.config import FipoConfig
 from megatron_fipo.data.prompts import load_from_config
@@ -41,6 +42,7 @@ class RunComponents:
     eval_prompts: list
     workers: Any  # RayActorGroup of TrainWorker
     engines: Any  # RayActorGroup of EngineWorker
+    lifecycle: Any  # EngineLifecycle: memory hand-over and weight updates
     reward: Any
     stop_token_ids: tuple[int, ...]
     quiet: bool = False
@@ -69,6 +71,18 @@ class RunComponents:
         share = -(-len(requests) // count)
         parts = [(requests[i * share : (i + 1) * share],) for i in range(count)]
         results = self.engines.run_each("generate", parts)
+        if any(part is None for part in results):
+            # A server was restarted and waits for the weights (the engine cannot resync it
+            # itself: the training ranks hold them). Send the current version, then retry.
+            self.lifecycle.sync_weights(self.lifecycle.version)
+            retry = [i for i, part in enumerate(results) if part is None]
+            again = self.engines.run_each(
+                "generate", [parts[i] if i in retry else ([],) for i in range(count)]
+            )
+            for i in retry:
+                if again[i] is None:
+                    raise RuntimeError(f"engine {i} still has no weights after a weight sync")
+                results[i] = again[i]
         return [sample for part in results for sample in part]
 
     def score(self, samples: list[GenerationSample], examples: list) -> list[Any]:
@@ -152,6 +166,22 @@ def initial_checkpoint(config: FipoConfig) -> str | None:
     return str(converted_initial_checkpoint(config.model.hf_model_path, config.trainer.output_dir))
 
 
+def engine_routes(config: FipoConfig, plan: Any, engines: Any) -> list:
+    """Each training rank's :class:`EngineRoute`. The engines say how they take weights
+    (``EngineWorker.weight_transport``): colocated, every rank feeds the engine process on its
+    own bundle; with ``nccl``, TP rank 0 of replica 0 of each pipeline stage broadcasts. In
+    Megatron's default rank order (TP fastest, then CP, DP, PP) that rank is
+    ``stage * world / PP``; the worker checks it is."""
+    transports = set(engines.run_all("weight_transport"))
+    if len(transports) != 1:
+        raise RuntimeError(f"engines disagree on how they take weights: {sorted(transports)}")
+    transport = transports.pop()
+    if transport == "sglang_nccl":
+        world, stages = config.training_world_size, config.parallelism.pipeline_model_parallel_size
+        return broadcast_routes(world, {s * (world // stages): s for s in range(stages)})
+    return colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors, transport)
+
+
 def prepare_inputs(config: FipoConfig) -> RunInputs:
     """Tokenizer, prompts, reward pool and initial checkpoint: everything that reads user input,
     so its errors come before Ray starts (the caller closes ``reward`` on failure later)."""
@@ -178,9 +208,15 @@ def prepare_inputs(config: FipoConfig) -> RunInputs:
 
 
 def build_components(
-    config: FipoConfig, inputs: RunInputs, *, quiet: bool = False
+    config: FipoConfig,
+    inputs: RunInputs,
+    *,
+    quiet: bool = False,
+    engine_worker: type = EngineWorker,
 ) -> RunComponents:
-    """Start Ray, place the training ranks and engines, and bundle them with ``inputs``."""
+    """Start Ray, place the engines and the training ranks, connect each training rank to where
+    its weights go, and bundle them with ``inputs``. ``engine_worker``: the engine actor class
+    (tests run the SGLang engine against its test double through a subclass)."""
     from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
     from megatron_fipo.cluster.placement import create_placement, plan_placement
 
@@ -189,6 +225,15 @@ def build_components(
     init_ray(num_cpus=None if use_gpu else int(config.trainer.cpus_per_node or 2))
     placement = create_placement(plan)
     threads = {} if use_gpu else {"OMP_NUM_THREADS": str(int(config.trainer.cpus_per_node or 2))}
+    # Engines first: SGLang sizes its KV cache from the memory free when it starts. Colocated,
+    # they then release all of it until the first weight sync, so the training ranks build
+    # their model and optimizer on a free device.
+    hf_config = hf_config_of(config).to_dict()
+    engines = RayActorGroup.engines(
+        engine_worker, placement, worker_args=(config, hf_config), env=threads
+    )
+    if config.rollout.colocate:
+        engines.run_all("release_memory")
     workers = RayActorGroup.training(
         TrainWorker,
         placement,
@@ -197,12 +242,10 @@ def build_components(
         env=threads,
         name="train",
     )
-    hf_config = hf_config_of(config).to_dict()
-    engines = RayActorGroup.engines(
-        EngineWorker, placement, worker_args=(config, hf_config), env=threads
+    workers.run_all("connect_engines", engine_routes(config, plan, engines))
+    lifecycle = EngineLifecycle(
+        workers, engines, colocated=config.rollout.colocate, use_gpu=use_gpu
     )
-    routes = colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors)
-    workers.run_each("connect_engine", [(route,) for route in routes])
     return RunComponents(
         config=config,
         tokenizer=inputs.tokenizer,
@@ -210,6 +253,7 @@ def build_components(
         eval_prompts=inputs.eval_prompts,
         workers=workers,
         engines=engines,
+        lifecycle=lifecycle,
         reward=inputs.reward,
         stop_token_ids=inputs.stop_token_ids,
         quiet=quiet,

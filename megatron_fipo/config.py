@@ -313,6 +313,10 @@ class OptimizerConfig(_Section):
     """Adam epsilon."""
     clip_grad: float = _num(1.0, ge=0)
     """Global gradient-norm clip (0: no clipping)."""
+    offload_during_rollout: bool = False
+    """Colocated runs: move the Adam state (and fp32 main weights) to host memory and drop the
+    gradient buffers after each training phase, so the engines' KV cache can use that memory
+    while they generate; both come back before the next training phase."""
 
     def _validate(self) -> None:
         _require(
@@ -369,6 +373,12 @@ class RolloutConfig(_Section):
     """GPUs for the engines when not colocated (taken out of the training world)."""
     weight_sync_bucket_bytes: int = _num(512 * 1024 * 1024, ge=1)
     """Bytes per bucket of HF-named tensors sent to the engines after each rollout step."""
+    weight_sync: Literal["ipc", "nccl"] | None = None
+    """How weights reach the engines after a step (None: by placement, see
+    :attr:`weight_sync_mode`). "ipc" (colocated): every training rank hands the full weights, by
+    reference, to the engine process on its own GPU (CUDA IPC; shared memory on CPU). "nccl"
+    (separate placement, SGLang): one rank per pipeline stage broadcasts its layers into an
+    update group with every engine server."""
     host: str = "127.0.0.1"
     """Address the engine servers bind to."""
     extra_server_args: list[str] = field(default_factory=list)
@@ -389,6 +399,22 @@ class RolloutConfig(_Section):
             f"(colocate={self.colocate}, num_gpus={self.num_gpus})",
         )
         _require(bool(self.host), "rollout.host must not be empty")
+        _require(
+            (self.weight_sync_mode == "ipc") == self.colocate,
+            f"rollout.weight_sync={self.weight_sync!r} with rollout.colocate={self.colocate}: "
+            "'ipc' needs the engines on the training GPUs (colocate=true), 'nccl' is for "
+            "separate engine GPUs (colocate=false)",
+        )
+        _require(
+            self.engine == "sglang" or self.weight_sync_mode == "ipc",
+            "rollout.weight_sync='nccl' needs rollout.engine='sglang' (the HF engine takes "
+            "weights from the training rank beside it only)",
+        )
+
+    @property
+    def weight_sync_mode(self) -> str:
+        """``weight_sync``, or by placement: "ipc" when colocated, else "nccl"."""
+        return self.weight_sync or ("ipc" if self.colocate else "nccl")
 
 
 @_dc
@@ -619,6 +645,11 @@ class FipoConfig:
 
     def _check_devices(self) -> None:
         gpus, rollout = self.trainer.gpus_per_node, self.rollout
+        _require(
+            rollout.colocate or not self.optimizer.offload_during_rollout,
+            "optimizer.offload_during_rollout=true needs rollout.colocate=true (separate engine "
+            "GPUs do not compete with training for memory)",
+        )
         if gpus == 0:
             _require(
                 rollout.engine == "hf",

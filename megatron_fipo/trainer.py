@@ -125,11 +125,13 @@ class Trainer:
         # Samples scored as timeouts because a batch ran out of reward.batch_budget_s.
         metrics["reward/budget_timeouts"] = float(self.parts.budget_timeouts - cut_off)
         batch = self.actor_batch(groups)
+        self.parts.lifecycle.release_engines()  # colocated: the device is training's now
         with timer("train"):  # old log-probs and the optimizer steps, on the training ranks
             metrics.update(self.train(batch, len(groups[0].samples)))
         with timer("sync_weights"):
-            self.sync_weights()
+            self.sync_weights()  # engines take back their memory around the new weights
         metrics.update(timer.metrics())
+        metrics.update(self.parts.lifecycle.take_memory_metrics())
         tokens = float(sum(len(ids) for ids in batch.input_ids))
         metrics["perf/tokens_per_s"] = tokens / max(timer.total(), 1e-9)
         metrics["perf/train_tokens_per_s"] = tokens / max(timer.seconds["train"], 1e-9)
@@ -255,7 +257,7 @@ class Trainer:
 
     def sync_weights(self, bump: bool = True) -> None:
         self.version += int(bump)
-        self.parts.workers.run_all("sync_weights", self.version)
+        self.parts.lifecycle.sync_weights(self.version)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy: greedy (one response) and sampled (avg@n)."""

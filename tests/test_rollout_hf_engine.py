@@ -136,8 +136,14 @@ def test_update_weights_copies_and_names_errors():
     with pytest.raises(ValueError, match=r"model.norm.weight.*\(3,\)"):
         engine.update_weights([("model.norm.weight", torch.zeros(3))], version=4)
     engine.pause()
-    with pytest.raises(RuntimeError, match="paused"):
+    with pytest.raises(RuntimeError, match="memory is released"):
         engine.generate(requests_for(PROMPTS[:1]))
+    engine.resume(["weights"])  # the colocated order: weights first, a sync, then the rest
+    assert engine.released == {"kv_cache", "cuda_graph"} and engine.health().paused
+    with pytest.raises(RuntimeError, match=r"\['cuda_graph', 'kv_cache'\] memory is released"):
+        engine.generate(requests_for(PROMPTS[:1]))
+    with pytest.raises(ValueError, match="not released"):
+        engine.resume(["weights"])
     engine.resume()
     assert engine.health().healthy and not engine.health().paused
 

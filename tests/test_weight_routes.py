@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from megatron_fipo.cluster import RayActorGroup, create_placement, init_ray, plan_placement
-from megatron_fipo.cluster.engine_links import colocated_routes
+from megatron_fipo.cluster.colocation import EngineLifecycle
+from megatron_fipo.components import engine_routes
 from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
 from megatron_fipo.config import load_config
 
@@ -102,19 +103,25 @@ def test_every_rank_feeds_its_own_engine_bit_for_bit_and_nothing_crosses_the_dri
         env=env,
     )
     try:
-        routes = colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors)
-        assert [(r.engine, r.tp_index) for r in routes] == [(0, 0), (1, 0)]
-        workers.run_each("connect_engine", [(route,) for route in routes])
+        routes = engine_routes(config, plan, engines)
+        assert [(r.kind, r.engine, r.tp_index) for r in routes] == [
+            ("ray_engine", 0, 0),
+            ("ray_engine", 1, 0),
+        ]
+        workers.run_all("connect_engines", routes)
+        lifecycle = EngineLifecycle(workers, engines, colocated=True, use_gpu=False)
+        engines.run_all("release_memory")
         for version, seed in ((1, 0), (2, 1)):  # a second sync after the weights changed
             workers.run_all("change_weights", seed)
             store_before, tcp_before = _object_store_created_bytes(ray_cpu), _driver_tcp_bytes()
-            workers.run_all("sync_weights", version)
+            lifecycle.sync_weights(version)  # resume weights, sync, resume the rest
             tcp = _driver_tcp_bytes() - tcp_before
             store = _object_store_created_bytes(ray_cpu) - store_before
             expected = workers.run_all("full_weights")[0]
             model_bytes = sum(t.numel() * t.element_size() for t in expected.values())
             assert store == 0, store
             assert tcp < 64 * 1024 < model_bytes, (tcp, model_bytes)  # calls, not weights
+            engines.run_all("release_memory")
             for weights in engines.run_all("weights"):
                 assert sorted(weights) == sorted(expected)
                 assert all(torch.equal(weights[name], expected[name]) for name in expected)

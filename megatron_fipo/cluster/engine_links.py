@@ -1,18 +1,29 @@
-"""Per-device weight routes: which engine process each training rank feeds, and the links that
-deliver a bucket there.
+"""Per-device weight routes: where each training rank's weights go after a step, and the links
+that deliver a bucket there. Nothing crosses the driver or the Ray object store: the driver only
+computes the routes (once) and opens / closes each engine's update session.
 
-Colocated placement puts an engine's processes on the devices of training ranks (one engine
-spans ``rollout.engine_tensor_parallel_size`` bundles). After a step, every training rank holds
-each full HF-named bucket (:meth:`WeightSync.iter_hf_buckets` with ``everywhere``) and hands it
-to the engine process on its own device, by reference (``flat_bucket``): nothing crosses the
-driver, the Ray object store or another device. The driver only computes the routes, once.
+``rollout.weight_sync``:
 
-Links (``link.update(version)`` brackets an update; ``link.load(bucket)`` returns when the
-engine holds the bucket, so the sender may reuse the buffer):
+- ``ipc`` (colocated: an engine's processes share the training ranks' devices). Every training
+  rank holds each full HF-named bucket (:meth:`WeightSync.iter_hf_buckets`, ``all_ranks``) and
+  hands it, by reference (``flat_bucket``: a CUDA IPC handle, or a shared-memory name on CPU),
+  to the engine process on its own device:
 
-- :class:`RayEngineLink`: an engine actor on the same node (the HF engine, CPU or GPU); the
-  payload (a shared-memory name or CUDA IPC handle, about a kilobyte) goes as a Ray actor-call
-  argument, inline, never through the object store.
+  - :class:`RayEngineLink`: an engine actor on this bundle (the HF engine); the payload (about a
+    kilobyte) goes as an actor-call argument, inline;
+  - :class:`SGLangTensorLink`: SGLang TP rank ``tp_index`` of the engine spanning this rank's
+    device. The engine's training ranks gather their payloads on the first of them, which posts
+    them in one ``/update_weights_from_tensor`` (payload ``i`` for TP rank ``i``), then tells
+    the others the server has answered (until then each keeps its buffer).
+
+- ``nccl`` (separate placement): TP rank 0 of data-parallel / context-parallel replica 0 of each
+  pipeline stage broadcasts its own stage's buckets (``own_stage``) into an update group of its
+  own with every engine server rank (:class:`SGLangBroadcastLink`), rendezvousing on its node's
+  address.
+
+Links: ``link.update(version, servers)`` brackets an update (``servers``: the engine's current
+server specs, which change when a server is restarted); ``link.load(bucket, last)`` returns when
+the receiver holds the bucket.
 """
 
 from __future__ import annotations
@@ -20,38 +31,66 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import torch.distributed as dist
 
 from megatron_fipo.rollout.flat_bucket import FlatBucket, share, use_file_system_sharing
+
+RouteKind = Literal["ray_engine", "sglang_ipc", "sglang_nccl", "none"]
 
 
 @dataclass(frozen=True, slots=True)
 class EngineRoute:
-    """Where training rank ``rank`` sends its weights: TP rank ``tp_index`` of engine
-    ``engine`` (None: this rank feeds no engine)."""
+    """Where training rank ``rank`` sends its weights."""
 
     rank: int
-    engine: int | None
+    kind: RouteKind
+    engine: int | None = None
+    """The engine fed (ipc), None otherwise."""
     tp_index: int = 0
+    """Which TP rank of that engine (ipc)."""
+    peers: tuple[int, ...] = ()
+    """The training ranks feeding the same engine, by its TP rank (ipc; the first posts)."""
     handle: Any = None
-    """The engine worker's Ray actor handle."""
+    """The engine worker's Ray actor handle (``ray_engine``)."""
+    stage: int = 0
+    """The pipeline stage this rank sends (``sglang_nccl``)."""
 
 
 def colocated_routes(
-    train_bundles: Sequence[int], engine_bundles: Sequence[Sequence[int]], handles: Sequence[Any]
+    train_bundles: Sequence[int],
+    engine_bundles: Sequence[Sequence[int]],
+    handles: Sequence[Any],
+    transport: RouteKind,
 ) -> list[EngineRoute]:
     """One route per training rank: the engine TP rank on the rank's own bundle (device)."""
+    owner = {b: r for r, b in enumerate(train_bundles)}
     where = {
-        bundle: (engine, index)
-        for engine, bundles in enumerate(engine_bundles)
-        for index, bundle in enumerate(bundles)
+        bundle: (index, position)
+        for index, bundles in enumerate(engine_bundles)
+        for position, bundle in enumerate(bundles)
     }
     routes = []
     for rank, bundle in enumerate(train_bundles):
-        engine, index = where.get(bundle, (None, 0))
-        handle = None if engine is None else handles[engine]
-        routes.append(EngineRoute(rank, engine, index, handle))
+        if bundle not in where:
+            routes.append(EngineRoute(rank, "none"))
+            continue
+        index, position = where[bundle]
+        peers = tuple(owner[b] for b in engine_bundles[index])
+        handle = handles[index] if transport == "ray_engine" else None
+        routes.append(EngineRoute(rank, transport, index, position, peers, handle))
     return routes
+
+
+def broadcast_routes(world_size: int, senders: dict[int, int]) -> list[EngineRoute]:
+    """``nccl`` routes: ``senders`` maps a sending rank to its pipeline stage; others send none."""
+    return [
+        EngineRoute(rank, "sglang_nccl", stage=senders[rank])
+        if rank in senders
+        else EngineRoute(rank, "none")
+        for rank in range(world_size)
+    ]
 
 
 def call_engine(handle: Any, method: str, *args: Any) -> Any:
@@ -67,7 +106,7 @@ def call_engine(handle: Any, method: str, *args: Any) -> Any:
 
 
 class RayEngineLink:
-    """Feeds an engine actor on this node: one shared-buffer payload per bucket."""
+    """Feeds an engine actor on this bundle: one shared-buffer payload per bucket."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
@@ -75,9 +114,141 @@ class RayEngineLink:
         use_file_system_sharing()
 
     @contextlib.contextmanager
-    def update(self, version: int) -> Iterator[None]:
+    def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
         self._version = int(version)
         yield
 
-    def load(self, bucket: FlatBucket) -> None:
+    def load(self, bucket: FlatBucket, last: bool) -> None:
         call_engine(self.handle, "load_bucket", share(bucket), self._version)
+
+
+class SGLangTensorLink:
+    """Feeds SGLang TP rank ``route.tp_index`` of the engine on this device (see module doc).
+
+    ``group``: the process group of ``route.peers`` (None when the engine has one TP rank).
+    """
+
+    def __init__(self, route: EngineRoute, group: Any, timeout_s: float = 3600.0) -> None:
+        self.route = route
+        self.group = group
+        self.timeout_s = timeout_s
+        self._server: Any = None
+        self._version = -1
+        use_file_system_sharing()  # CPU tests; on GPU the buffers are CUDA (IPC handles)
+
+    @property
+    def posts(self) -> bool:
+        return self.route.tp_index == 0
+
+    @contextlib.contextmanager
+    def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
+        from megatron_fipo.rollout.sglang_server import ServerClient
+
+        self._version = int(version)
+        self._server = ServerClient(servers[0]) if self.posts else None
+        yield
+
+    def load(self, bucket: FlatBucket, last: bool) -> None:
+        from megatron_fipo.rollout.sglang_server import (
+            serialize_named_tensors,
+            tensor_bucket_payload,
+        )
+
+        # SGLang's format: [(name, tensor)], here views of this rank's one flat buffer (one
+        # storage: the server maps it once).
+        payloads = self._gather(serialize_named_tensors(bucket.named_tensors()))
+        error = None
+        if self.posts:
+            try:
+                body = tensor_bucket_payload(payloads, last=last, version=self._version)
+                self._server.post_ok("/update_weights_from_tensor", body, self.timeout_s)
+            except Exception as failure:  # noqa: BLE001 - every peer must learn of it
+                error = f"{type(failure).__name__}: {failure}"
+        # The server has opened every payload's buffer (or failed): peers may reuse theirs.
+        error = self._broadcast_from_first(error)
+        if error is not None:
+            raise RuntimeError(f"engine {self.route.engine}: weight bucket refused: {error}")
+
+    def _gather(self, payload: str) -> list[str]:
+        if self.group is None:
+            return [payload]
+        gathered: list[str] | None = [""] * len(self.route.peers) if self.posts else None
+        dist.gather_object(payload, gathered, dst=self.route.peers[0], group=self.group)
+        return gathered or []
+
+    def _broadcast_from_first(self, value: str | None) -> str | None:
+        if self.group is None:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=self.route.peers[0], group=self.group)
+        return holder[0]
+
+
+class SGLangBroadcastLink:
+    """Sends this pipeline stage's buckets to every engine server over an update group of its
+    own (this rank is its rank 0), built on first use and rebuilt when the servers change."""
+
+    def __init__(self, route: EngineRoute, address: str, timeout_s: float = 3600.0) -> None:
+        self.route = route
+        self.address = address
+        """This node's address, which the servers (on other nodes) connect to."""
+        self.timeout_s = timeout_s
+        self.group_name = f"fipo_weights_stage{route.stage}"
+        self._group: Any = None
+        self._servers: list[Any] = []
+        self._specs: tuple[Any, ...] = ()
+        self._version = -1
+
+    @contextlib.contextmanager
+    def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
+        from megatron_fipo.rollout.sglang_server import ServerClient, join_update_group
+
+        self._version = int(version)
+        specs = tuple(servers)
+        if specs != self._specs:
+            self._leave()
+            self._servers = [ServerClient(spec) for spec in specs]
+            tp_sizes = {spec.tp_size for spec in specs}
+            if len(tp_sizes) != 1:
+                raise ValueError(f"engine servers must share one TP size, got {sorted(tp_sizes)}")
+            self._group = join_update_group(
+                self._servers,
+                host=self.address,
+                tp_size=tp_sizes.pop(),
+                group_name=self.group_name,
+                backend="nccl" if _cuda() else "gloo",
+                timeout_s=self.timeout_s,
+            )
+            self._specs = specs
+        yield
+
+    def load(self, bucket: FlatBucket, last: bool) -> None:
+        from megatron_fipo.rollout.sglang_server import broadcast_bucket
+
+        try:
+            broadcast_bucket(
+                self._servers,
+                self._group,
+                bucket.named_tensors(),
+                group_name=self.group_name,
+                last=last,
+                version=self._version,
+                timeout_s=self.timeout_s,
+            )
+        except Exception:
+            self._leave()  # a broadcast left unmatched: the group is out of step
+            raise
+
+    def _leave(self) -> None:
+        from megatron_fipo.rollout.sglang_server import leave_update_group
+
+        if self._group is not None:
+            with contextlib.suppress(Exception):
+                leave_update_group(self._servers, self._group, self.group_name)
+        self._group, self._servers, self._specs = None, [], ()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -93,7 +93,10 @@ class TrainWorker:
         )
         if init_checkpoint:
             self.actor.load(init_checkpoint, load_optimizer=False)
-        self.link = None
+        self.offload_during_rollout = config.optimizer.offload_during_rollout
+        self.link: Any = None
+        self.route: Any = None
+        self.reach = "all_ranks"
         self.weight_sync = WeightSync(
             self.actor.named_parameters_for_sync,
             self.hf_config,
@@ -132,6 +135,7 @@ class TrainWorker:
             shares.append(list(range(len(mine), len(mine) + len(part))))
             mine.extend(rows[i] for i in part)
         local = batch.select(mine)
+        self.actor.restore_train_state()  # a no-op unless offloaded after the last phase
         start = time.perf_counter()
         local.old_log_probs = self.actor.compute_log_probs(local)
         metrics = {"time/old_log_probs_s": time.perf_counter() - start}
@@ -142,18 +146,62 @@ class TrainWorker:
             for share in shares
         ]
         metrics.update(average_steps(history))
+        if self.offload_during_rollout:
+            self.actor.offload_train_state()  # the engines' KV cache may use it while they generate
         return metrics
 
-    def connect_engine(self, route: Any) -> None:
-        """Remember where this rank's weights go (an :class:`EngineRoute` from the driver)."""
-        from megatron_fipo.cluster.engine_links import RayEngineLink
+    def connect_engines(self, routes: list[Any]) -> None:
+        """Every rank with every rank's :class:`EngineRoute` (the groups of the training ranks
+        that feed one SGLang engine are created collectively, in engine order)."""
+        import torch.distributed as dist
 
-        self.link = None if route.engine is None else RayEngineLink(route.handle)
+        from megatron_fipo.cluster import engine_links as links
 
-    def sync_weights(self, version: int) -> int:
-        """All ranks together: every rank gets each full HF-named bucket and hands it to the
-        engine process on its own device (``connect_engine``)."""
-        return self.weight_sync.push(self.link, version)
+        groups = {}
+        for engine in sorted({r.engine for r in routes if r.kind == "sglang_ipc"}):
+            peers = next(r.peers for r in routes if r.engine == engine)
+            if len(peers) > 1:
+                groups[engine] = dist.new_group(list(peers))
+        route = routes[dist.get_rank()]
+        self.route = route
+        self.reach = "own_stage" if any(r.kind == "sglang_nccl" for r in routes) else "all_ranks"
+        if route.kind == "ray_engine":
+            self.link = links.RayEngineLink(route.handle)
+        elif route.kind == "sglang_ipc":
+            self.link = links.SGLangTensorLink(route, groups.get(route.engine))
+        elif route.kind == "sglang_nccl":
+            self.link = links.SGLangBroadcastLink(route, _node_address())
+        else:
+            self.link = None
+
+    def sync_weights(self, version: int, engine_servers: list[list[Any]] = ()) -> int:
+        """All ranks together: the weights go where this rank's route says (see
+        :mod:`megatron_fipo.cluster.engine_links`); ``engine_servers``: each engine's current
+        server specs (SGLang), from its ``begin_weight_update``."""
+        from megatron.core import parallel_state
+
+        if self.reach == "own_stage" and (
+            parallel_state.get_data_parallel_rank() or parallel_state.get_context_parallel_rank()
+        ):
+            return self.weight_sync.version  # replicas hold the same weights: replica 0 sends
+        if self.route.kind == "sglang_ipc":
+            servers = engine_servers[self.route.engine]
+        else:
+            servers = [spec for specs in engine_servers for spec in specs]
+        link = _LinkWithServers(self.link, servers) if self.link is not None else None
+        return self.weight_sync.push(link, version, self.reach)
+
+    def offload_state(self) -> None:
+        """Optimizer state and gradient buffers off the device (colocated engines generate)."""
+        self.actor.offload_train_state()
+
+    def restore_state(self) -> None:
+        self.actor.restore_train_state()
+
+    def gpu_memory(self) -> tuple[float, float]:
+        """(free, total) GiB of this rank's GPU as the driver sees it (every process on it)."""
+        free, total = torch.cuda.mem_get_info()
+        return free / 2**30, total / 2**30
 
     def save(self, path: str) -> None:
         self.actor.save(path)
@@ -169,6 +217,26 @@ class TrainWorker:
 
     def num_parameters(self) -> int:
         return sum(shard.tensor.numel() for shard in self.actor.named_parameters_for_sync())
+
+
+class _LinkWithServers:
+    """A link whose ``update`` also receives the engine servers of this sync."""
+
+    def __init__(self, link: Any, servers: list[Any]) -> None:
+        self.link, self.servers = link, servers
+
+    def update(self, version: int) -> Any:
+        return self.link.update(version, self.servers)
+
+    def load(self, bucket: Any, last: bool) -> None:
+        self.link.load(bucket, last)
+
+
+def _node_address() -> str:
+    """The address of this node other nodes reach (Ray's record of it)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def _engine_agreement(batch: Any) -> dict[str, float]:
@@ -216,6 +284,7 @@ class EngineWorker:
     """One rollout engine: the HF engine on CPU, an SGLang engine (its own servers) on GPU."""
 
     def __init__(self, config: FipoConfig, hf_config: Any, model_path: str | None = None) -> None:
+        self.config = config
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
@@ -235,8 +304,14 @@ class EngineWorker:
         else:
             self.engine = _sglang_engine(config, model_path)
 
-    def generate(self, requests: Sequence[Any]) -> list[Any]:
-        return self.engine.generate(requests)
+    def generate(self, requests: Sequence[Any]) -> list[Any] | None:
+        """The samples, or None when a restarted server waits for weights (sync, then retry)."""
+        from megatron_fipo.rollout.engine import WeightsNeeded
+
+        try:
+            return self.engine.generate(requests)
+        except WeightsNeeded:
+            return None
 
     def load_bucket(self, payload: str, version: int) -> None:
         """Copy the bucket a training rank on this node shares (``flat_bucket.share``) into the
@@ -248,11 +323,26 @@ class EngineWorker:
         self.engine.update_weights(bucket.named_tensors(), version)
         del bucket  # drop the mapping of the sender's buffer now
 
-    def pause(self) -> None:
-        self.engine.pause()
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Hand the device memory to the colocated training ranks (all, or ``tags``)."""
+        self.engine.pause(tags)
 
-    def resume(self) -> None:
-        self.engine.resume()
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.resume(tags)
+
+    def weight_transport(self) -> str:
+        """How this engine takes weights (the kind of route its training ranks use)."""
+        if self.config.rollout.engine == "hf":
+            return "ray_engine"
+        return "sglang_ipc" if self.config.rollout.weight_sync_mode == "ipc" else "sglang_nccl"
+
+    def begin_weight_update(self) -> list[Any]:
+        """Open an update that the training ranks fill; the server specs they post to (the HF
+        engine: none, buckets arrive through ``load_bucket``)."""
+        return self.engine.begin_external_update()
+
+    def end_weight_update(self, version: int, succeeded: bool) -> None:
+        self.engine.end_external_update(version, succeeded)
 
     def health(self) -> Any:
         return self.engine.health()

@@ -219,6 +219,7 @@ class MegatronActor:
         self.transformer_config.finalize_model_grads_func = _finalize_grads
         self.optimizer, self.scheduler = self._build_optimizer()
         self.num_steps = 0
+        self.offloaded = False
         # Where batches go: the GPU under NCCL, else CPU (gloo collectives take CPU tensors).
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -453,6 +454,8 @@ class MegatronActor:
         """
         if batch.old_log_probs is None or batch.advantages is None:
             raise ValueError("train_step needs batch.old_log_probs and batch.advantages")
+        if self.offloaded:
+            raise RuntimeError("train_step while the training state is offloaded: restore it")
         loss_config = batch.loss_config or self.loss_config
         num_tokens = self._global_token_count(batch)
         for chunk in self.model:
@@ -519,6 +522,26 @@ class MegatronActor:
         result = metric_utils.finalize(merged)
         result["actor/loss"] = result.pop("actor/loss_sum")
         return result
+
+    # ---------------------------------------------------------------- colocation
+    def offload_train_state(self) -> None:
+        """Free what only training needs while colocated engines generate: the optimizer state
+        (Adam moments, fp32 main weights: moved to host memory) and the gradient buffers (their
+        storage dropped, views kept). The weights stay: the next weight sync reads them."""
+        cuda = torch.cuda.is_available()
+        self.optimizer.offload_to_cpu()
+        for chunk in self.model:
+            chunk.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+        self.offloaded = True
+
+    def restore_train_state(self) -> None:
+        """Undo :meth:`offload_train_state` (gradient buffers come back zeroed)."""
+        if not self.offloaded:
+            return
+        for chunk in self.model:
+            chunk.restore_grad_buffers(synchronize=torch.cuda.is_available())
+        self.optimizer.restore_from_cpu()
+        self.offloaded = False
 
     # ---------------------------------------------------------------- weights and state
     def named_parameters_for_sync(self) -> Iterator[checkpoint.ParamShard]:

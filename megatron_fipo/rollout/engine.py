@@ -16,6 +16,10 @@ from typing import Literal
 
 import torch
 
+MEMORY_TAGS: tuple[str, ...] = ("kv_cache", "weights", "cuda_graph")
+"""What an engine can release (SGLang's memory types; the HF engine holds weights only)."""
+WEIGHTS_TAG = "weights"
+
 FinishReason = Literal["stop", "length", "abort"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
 
@@ -124,12 +128,14 @@ class RolloutEngine(abc.ABC):
         """Load HF-named full tensors (any subset of the model) and record `version`."""
 
     @abc.abstractmethod
-    def pause(self) -> None:
-        """Release memory (weights and KV cache) so a colocated trainer can use it."""
+    def pause(self, tags: list[str] | None = None) -> None:
+        """Release device memory so a colocated trainer can use it: all of it, or the
+        ``MEMORY_TAGS`` named. No generation until everything is resumed."""
 
     @abc.abstractmethod
-    def resume(self) -> None:
-        """Retake the memory released by `pause`; weights must be re-sent afterwards if lost."""
+    def resume(self, tags: list[str] | None = None) -> None:
+        """Retake released memory (all of it, or ``tags``). Released weights are not guaranteed
+        to survive: resume "weights", send weights, then resume the rest."""
 
     @abc.abstractmethod
     def health(self) -> EngineHealth:
@@ -137,6 +143,19 @@ class RolloutEngine(abc.ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, engines without resources skip it
         """Stop owned processes; the default engine owns none."""
+
+    def begin_external_update(self) -> list:
+        """Open a weight update that other processes fill (training ranks, by reference); the
+        server specs they post to. An engine fed through ``update_weights`` has none."""
+        return []
+
+    def end_external_update(self, version: int, succeeded: bool) -> None:  # noqa: B027
+        """Close the update opened by :meth:`begin_external_update`."""
+
+
+class WeightsNeeded(RuntimeError):
+    """A restarted server holds no current weights and its engine cannot resync it itself (the
+    weights come from the training ranks): sync the weights, then generate again."""
 
 
 def iter_buckets(

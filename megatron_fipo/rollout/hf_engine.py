@@ -20,6 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from megatron_fipo.rollout.engine import (
+    MEMORY_TAGS,
+    WEIGHTS_TAG,
     EngineHealth,
     GenerationRequest,
     GenerationSample,
@@ -121,7 +123,7 @@ class HFRolloutEngine(RolloutEngine):
         self.model = model.eval() if model is not None else build_hf_model(self.config, hf_config)
         self.device = next(self.model.parameters()).device
         self._version = -1
-        self._paused = False
+        self._released: set[str] = set()
         self._seed_stream = torch.Generator().manual_seed(self.config.seed)
         # Tied embeddings appear under both names in state_dict; both may be sent.
         self._tensors_by_name = dict(self.model.state_dict(keep_vars=True))
@@ -131,8 +133,11 @@ class HFRolloutEngine(RolloutEngine):
         return self._version
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationSample]:
-        if self._paused:
-            raise RuntimeError("HFRolloutEngine.generate called while paused; call resume() first")
+        if self._released:
+            raise RuntimeError(
+                f"HFRolloutEngine.generate called while {sorted(self._released)} memory is "
+                "released; call resume() first"
+            )
         validate_requests(requests)
         samples: list[GenerationSample] = []
         size = self.config.max_batch_size
@@ -221,20 +226,38 @@ class HFRolloutEngine(RolloutEngine):
             target.data.copy_(tensor)
         self._version = int(version)
 
-    def pause(self) -> None:
-        """Free device memory: on an accelerator the weights move to host memory."""
-        if self.device.type != "cpu":
+    def pause(self, tags: list[str] | None = None) -> None:
+        """Release memory (all, or ``tags``): the weights move to host memory on an accelerator
+        (they stay valid); the engine keeps no KV cache between calls, so the other tags only
+        mark the engine released. No generation until everything is resumed."""
+        wanted = set(MEMORY_TAGS if not tags else tags)
+        unknown = wanted - set(MEMORY_TAGS)
+        if unknown:
+            raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
+        if WEIGHTS_TAG in wanted - self._released and self.device.type != "cpu":
             self.model.to("cpu")
             torch.cuda.empty_cache()
-        self._paused = True
+        self._released |= wanted
 
-    def resume(self) -> None:
-        if self.device.type != "cpu":
+    def resume(self, tags: list[str] | None = None) -> None:
+        wanted = set(self._released if not tags else tags)
+        if not wanted <= self._released:
+            raise ValueError(
+                f"cannot resume memory tags {sorted(wanted - self._released)}: not released "
+                f"(released: {sorted(self._released)})"
+            )
+        if WEIGHTS_TAG in wanted and self.device.type != "cpu":
             self.model.to(self.device)
-        self._paused = False
+        self._released -= wanted
+
+    @property
+    def released(self) -> frozenset[str]:
+        return frozenset(self._released)
 
     def health(self) -> EngineHealth:
-        return EngineHealth(healthy=True, paused=self._paused, weights_version=self._version)
+        return EngineHealth(
+            healthy=True, paused=bool(self._released), weights_version=self._version
+        )
 
 
 def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ from megatron_fipo.rollout.engine import (
     GenerationRequest,
     GenerationSample,
     RolloutEngine,
+    WeightsNeeded,
     iter_buckets,
     validate_requests,
 )
@@ -184,6 +185,10 @@ class SGLangRolloutEngine(RolloutEngine):
         self._group_broken = False
         self._update_incomplete = False
         self._warned_seeds = False
+        self._external = False
+        """Weights arrive from other processes (`begin_external_update`): a restarted server
+        cannot be resynced here and waits for the next update (`WeightsNeeded`)."""
+        self._session: list[SGLangServer] = []
 
     # ----- lifecycle -----
 
@@ -207,6 +212,7 @@ class SGLangRolloutEngine(RolloutEngine):
             port=free_port(self.config.host),
             base_gpu_id=self.config.base_gpu_id + index * self.config.tp_size,
             launch_count=launch_count,
+            tp_size=self.config.tp_size,
         )
         return SGLangServer(spec, self._launch(self.config, spec), env=SERVER_ENV)
 
@@ -240,6 +246,8 @@ class SGLangRolloutEngine(RolloutEngine):
                 "SGLangRolloutEngine.generate called while paused; call resume() first"
             )
         if self._update_incomplete:
+            if self._external:
+                raise WeightsNeeded("a server holds no current weights: sync them, then generate")
             raise RuntimeError(
                 "the last update_weights failed midway; call update_weights again before generating"
             )
@@ -303,6 +311,11 @@ class SGLangRolloutEngine(RolloutEngine):
                 server.kill()
                 raise
             self._servers[index] = server  # only now do other threads send it requests
+            if self._external and self._version >= 0:
+                raise WeightsNeeded(
+                    f"SGLang server {index} was restarted and holds no current weights: sync "
+                    "them, then generate again"
+                )
 
     def _resync(self, index: int, server: SGLangServer) -> None:
         """Bring `server`, replacing server `index`, to the current weights version and memory
@@ -315,6 +328,8 @@ class SGLangRolloutEngine(RolloutEngine):
             # The other servers' weights are released and cannot take a broadcast now; the
             # update that follows resume() brings every server to one version.
             self._update_incomplete = True
+        elif self._version >= 0 and self._external:
+            self._update_incomplete = True  # the training ranks' next update brings it up to date
         elif self._version >= 0:
             weights, version = self._current_weights(), self._version
             targets = servers if distributed else [server]
@@ -363,12 +378,40 @@ class SGLangRolloutEngine(RolloutEngine):
             self._version = int(version)
             self._update_incomplete = False
 
-    def _in_session(self, servers: list[SGLangServer], push: Callable[[], None]) -> None:
-        """pause generation -> begin session -> push -> end session -> continue generation.
+    def begin_external_update(self) -> list[ServerSpec]:
+        """Open a weight update that other processes fill: dead servers are restarted,
+        generation is paused and a session begun on every server, whose specs are returned
+        (training ranks post the buckets there: `megatron_fipo.cluster.engine_links`). Close it
+        with `end_external_update`."""
+        if "weights" in self._released:
+            raise RuntimeError(
+                "begin_external_update while the weights' memory is released; resume it first"
+            )
+        self.start()
+        self._external = True
+        with self._lock:
+            for index, server in enumerate(self._servers):
+                if not (server.alive() and server.liveness() == "up"):
+                    try:
+                        self._recover(index, server)
+                    except WeightsNeeded:
+                        pass  # expected: this update is what brings it up to date
+            self._update_incomplete = True
+            self._session = self._open_session(self._servers)
+        return [server.spec for server in self._servers]
 
-        The session is ended on every server that opened one and generation is continued
-        (unless memory is released) also when `push` fails.
-        """
+    def end_external_update(self, version: int, succeeded: bool) -> None:
+        """Close the session of `begin_external_update`; on success the servers hold `version`
+        (their last bucket recorded it) and generation may continue."""
+        opened, self._session = self._session, []
+        self._close_session(self._servers, opened, None)
+        if succeeded:
+            self._version = int(version)
+            self._update_incomplete = False
+
+    def _open_session(self, servers: list[SGLangServer]) -> list[SGLangServer]:
+        """Pause generation and begin a session on `servers`; the servers that opened one. On a
+        failure the opened sessions are closed again before it propagates."""
         timeout = self.config.request_timeout_s
         opened: list[SGLangServer] = []
         try:
@@ -376,6 +419,19 @@ class SGLangRolloutEngine(RolloutEngine):
             began = call_each(servers, "/begin_weight_update", {}, timeout)
             opened = [server for server, error in zip(servers, began) if error is None]
             raise_first(began)
+        except BaseException as error:
+            self._close_session(servers, opened, error)
+            raise
+        return opened
+
+    def _in_session(self, servers: list[SGLangServer], push: Callable[[], None]) -> None:
+        """pause generation -> begin session -> push -> end session -> continue generation.
+
+        The session is ended on every server that opened one and generation is continued
+        (unless memory is released) also when `push` fails.
+        """
+        opened = self._open_session(servers)
+        try:
             push()
         except BaseException as error:
             self._close_session(servers, opened, error)

@@ -51,6 +51,8 @@ class ServerSpec:
     """First GPU of the server; its TP rank r uses GPU base_gpu_id + r."""
     launch_count: int
     """0 for the first start, then 1, 2, ... for restarts."""
+    tp_size: int = 1
+    """TP ranks (GPUs) of the server."""
 
 
 class ServerDied(RuntimeError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from megatron_fipo.rollout.engine import RolloutEngine
 from megatron_fipo.rollout.flat_bucket import BucketPacker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Reach = Literal["all_ranks", "stage_leaders", "own_stage"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -159,18 +160,19 @@ class WeightSync:
         self._buffers.clear()
         self._packer.release()
 
-    def push(self, link: Any, version: int) -> int:
-        """Every rank: each bucket, full and HF-named, packed into one flat buffer and handed to
-        ``link`` (the engine process this rank feeds: ``link.load(bucket)`` returns once the
-        engine holds it; None for a rank that feeds none, which still takes part in every
-        collective). ``link.update(version)`` brackets the whole update. Returns ``version``."""
+    def push(self, link: Any, version: int, reach: Reach = "all_ranks") -> int:
+        """All ranks together: each bucket, full and HF-named, packed into one flat buffer and
+        handed to ``link`` (where this rank's weights go: ``link.load(bucket, last)`` returns once
+        the receiver holds it; None for a rank that sends nothing, which still takes part in
+        every collective). ``link.update(version)`` brackets the whole update. ``reach``: who
+        gets which buckets (:meth:`iter_hf_buckets`). Returns ``version``."""
         if link is None:
-            for _ in self.iter_hf_buckets(everywhere=True, convert=False):
+            for _ in self.iter_hf_buckets(reach, convert=False):
                 pass
         else:
             with link.update(version):
-                for named in self.iter_hf_buckets(everywhere=True):
-                    link.load(self._packer.pack(named))
+                for named, last in self.iter_hf_buckets(reach):
+                    link.load(self._packer.pack(named), last)
         self.version = int(version)
         return self.version
 
@@ -200,42 +202,54 @@ class WeightSync:
 
         Tensors come out on TP rank 0 of every stage when `convert`; other ranks yield nothing.
         """
-        for bucket in self.iter_hf_buckets(everywhere=False, convert=convert):
-            yield from bucket
+        for named, _ in self.iter_hf_buckets("stage_leaders", convert=convert):
+            yield from named
 
     def iter_hf_buckets(
-        self, everywhere: bool = True, convert: bool = True
-    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Yield each bucket as its (HF name, full tensor) list; a collective over TP and PP.
+        self, reach: Reach = "all_ranks", convert: bool = True
+    ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+        """Yield ``(bucket, is_last)``: each bucket's (HF name, full tensor) list, and whether it
+        is the last this rank yields; a collective over TP and PP.
 
-        ``everywhere``: every rank gets every bucket (TP rank 0 gathers the stage's shards and
-        broadcasts them over the TP group; each stage's bucket is then broadcast over the PP
-        group), so each training rank can hand the weights to the engine process on its own
-        device. Otherwise only TP rank 0 of each stage yields (one receiving process).
+        ``reach`` says who gets what:
+
+        - ``all_ranks``: every rank gets every bucket (TP rank 0 gathers the stage's shards and
+          broadcasts them over the TP group; each stage's buckets are then broadcast over the
+          PP group), so each training rank can hand the weights to the engine process on its
+          own device;
+        - ``stage_leaders``: TP rank 0 of every stage gets every bucket;
+        - ``own_stage``: TP rank 0 of each stage gets its own stage's buckets only (no PP
+          traffic: each stage sends its layers to the engines itself).
         """
         tp_rank, pp_rank = dist.get_rank(self.tp_group), dist.get_rank(self.pp_group)
         pp_size = dist.get_world_size(self.pp_group)
         tp_size = dist.get_world_size(self.tp_group)
+        everywhere = reach == "all_ranks"
         shards = {shard.name: shard for shard in self._shards_fn()}
         device = next(iter(shards.values())).tensor.device
         local_metas = [self._meta(shard, pp_rank) for shard in shards.values()]
         stage_metas: list[list[ParamMeta]] = [[] for _ in range(pp_size)]
         stage_metas[pp_rank] = local_metas
-        if (everywhere or tp_rank == 0) and pp_size > 1:
+        if reach != "own_stage" and (everywhere or tp_rank == 0) and pp_size > 1:
             dist.all_gather_object(stage_metas, local_metas, group=self.pp_group)
+        stages = [pp_rank] if reach == "own_stage" else list(range(pp_size))
+        plan = [
+            (stage, bucket)
+            for stage in stages
+            for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes)
+        ]
         self.stats = SyncStats()
-        for stage in range(pp_size):
-            for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes):
-                buffer = self._gather_bucket(bucket, shards) if stage == pp_rank else None
-                if everywhere and stage == pp_rank and tp_size > 1:
-                    buffer = self._share_over_tp(bucket, buffer, device)
-                if not everywhere and tp_rank != 0:
-                    continue
-                if pp_size > 1:
-                    buffer = self._broadcast_bucket(bucket, buffer, stage, device)
-                self._record(bucket)
-                if convert:
-                    yield list(self._to_hf(bucket, buffer))
+        for position, (stage, bucket) in enumerate(plan):
+            buffer = self._gather_bucket(bucket, shards) if stage == pp_rank else None
+            if everywhere and stage == pp_rank and tp_size > 1:
+                buffer = self._share_over_tp(bucket, buffer, device)
+            if not everywhere and tp_rank != 0:
+                continue
+            if pp_size > 1 and reach != "own_stage":
+                buffer = self._broadcast_bucket(bucket, buffer, stage, device)
+            self._record(bucket)
+            if convert:
+                yield list(self._to_hf(bucket, buffer)), position == len(plan) - 1
 
     def _share_over_tp(
         self, bucket: list[ParamMeta], buffer: torch.Tensor | None, device: torch.device

@@ -169,6 +169,30 @@ def test_realistic_small_errors_exceed_the_tolerances(references):
     assert named["log_probs"].ratio > 5, named["log_probs"]
 
 
+def test_rounding_noise_in_gradients_passes_under_adam(references):
+    """What failed on an AVX-512 / AMX machine with the old bare 1e-5 on parameters. The
+    reference's nonzero gradients moved by up to one rounding (u) of each tensor's largest
+    gradient, less than any reordering of their sums makes, move some Adam-updated
+    parameters by more than 1e-5: an element whose gradient is itself rounding noise has its
+    first step ``lr g / (|g| + eps)`` decided by that noise. The bound carried through Adam
+    accepts it. (Exact zeros, embedding rows of absent tokens, stay zero in every layout.)"""
+    reference, _ = references(ADAM)
+    _, optim = ADAM.actor_configs()
+    adam = numerics.AdamStep(beta1=optim.adam_beta1, beta2=optim.adam_beta2, eps=optim.adam_eps)
+    gen = torch.Generator().manual_seed(0)
+    params = {}
+    for name, grad in reference["grads"].items():
+        noise = numerics.FP32_UNIT_ROUNDOFF * numerics.max_abs(grad)
+        noise = noise * (2 * torch.rand(grad.shape, generator=gen) - 1) * (grad != 0)
+        shift = optim.lr * (adam.direction(grad.double() + noise) - adam.direction(grad))
+        params[name] = (reference["params"][name].double() - shift).float()
+    noisy = dict(reference, params=params)
+    largest = max(numerics.max_abs(params[n] - reference["params"][n]) for n in params)
+    assert largest > 1e-5, largest  # the old constant rejected this
+    comparisons = compare(reference, noisy, ADAM)
+    assert all(c.ok for c in comparisons), "\n".join(map(str, comparisons))
+
+
 # ------------------------------------------------------------------ checkpoints
 def _save_after_step(rank, world_size, init_dir, save_dir, optimizer_format="dp_reshardable"):
     """TP=2: load initial weights, one step, save the actor; then one more step.

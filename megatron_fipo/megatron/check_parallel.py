@@ -252,12 +252,6 @@ def _loss_tolerance(reference: dict, log_prob_tolerance: float, settings) -> flo
     return sensitivity * log_prob_tolerance / math.sqrt(metrics["actor/num_tokens"])
 
 
-# fp32 roundings in one parameter update: torch AdamW scales p by (1 - lr wd), updates both
-# moments (three), takes sqrt, divides by the bias correction, adds eps and applies
-# addcdiv (two); SGD multiplies by lr and subtracts.
-_UPDATE_ROUNDINGS = {"adam": 8, "sgd": 2}
-
-
 def _adam_step(optim, name: str, previous: list[dict[str, torch.Tensor]]) -> numerics.AdamStep:
     """Adam's moments before this step, rebuilt from the earlier steps' (clipped) gradients
     exactly as torch Adam accumulates them."""
@@ -288,7 +282,7 @@ def parameter_bounds(reference: dict, settings: CheckSettings) -> dict[str, torc
     """
     _, grad_depth = depths(settings)
     _, optim = settings.actor_configs()
-    rounding = numerics.rounding_tolerance(1.0, _UPDATE_ROUNDINGS[optim.optimizer])
+    rounding = numerics.rounding_tolerance(1.0, numerics.UPDATE_ROUNDINGS[optim.optimizer])
     bounds = {}
     for name, grad in reference["grads"].items():
         grad_tol = numerics.rounding_tolerance(numerics.max_abs(grad), grad_depth)

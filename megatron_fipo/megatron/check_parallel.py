@@ -7,9 +7,12 @@ ranks (NCCL) and runs the single-process reference in a child of rank 0. Both ru
 same tiny Qwen2-shaped model (the layout run loads the reference's initial weights from a
 distributed checkpoint, which also exercises resharding), compute log-probs of a fixed random
 batch, take one optimizer step of the FIPO loss, and gather the updated parameters. Prints
-the max differences of log-probs, loss, gradient norm and parameters; exits 1 above
-tolerance. ``--optimizer sgd`` (lr 1, no clipping) makes the parameter difference equal the
-gradient difference.
+each difference (log-probs, loss, gradient norm, parameters) with the tolerance derived from
+fp32 rounding by :mod:`megatron_fipo.numerics`, and exits 1 above any. The reference also
+returns its gradients: they set each parameter's bound, carried through the update (Adam's
+first step is nearly ``lr * sign(g)``, so an element whose gradient is rounding noise may
+move by up to ``2 lr``). ``--optimizer sgd`` (lr 1, no clipping) makes the parameter
+difference equal the gradient difference.
 """
 
 from __future__ import annotations
@@ -17,19 +20,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
+import math
 import os
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from megatron_fipo import numerics
 from megatron_fipo.algorithms.losses import PolicyLossConfig
 from megatron_fipo.megatron.distributed import ParallelConfig, free_port, set_local_world_env
+from megatron_fipo.numerics import Comparison
+
+if TYPE_CHECKING:
+    from megatron_fipo.megatron.actor import ActorBatch
 
 
 def tiny_hf_config(
@@ -126,11 +136,17 @@ def dp_slice(batch, dp_rank: int, dp_size: int):
 
 
 def run_layout(
-    parallel: ParallelConfig, settings: CheckSettings, checkpoint_dir: str, reference: bool
+    parallel: ParallelConfig,
+    settings: CheckSettings,
+    checkpoint_dir: str,
+    reference: bool,
+    edit_batch: Callable[[ActorBatch], None] | None = None,
 ):
     """Per-rank body: build, (save|load) initial weights, log-probs, one step, gather.
 
-    Returns ``{"log_probs", "metrics", "params"}`` on global rank 0, None elsewhere.
+    Returns ``{"log_probs", "metrics", "params"}`` on global rank 0, None elsewhere; the
+    reference adds ``"grads"`` (:func:`gathered_gradients`). ``edit_batch`` changes this DP
+    rank's training batch in place before the step (tests plant a deliberate error with it).
     """
     from megatron.core import parallel_state as ps
 
@@ -152,39 +168,179 @@ def run_layout(
         log_probs = actor.compute_log_probs(batch)
         # Old log-probs = current + fixed noise: ratios away from 1 so clipping and FIPO act.
         batch.old_log_probs = log_probs + batch.old_log_probs[:, : log_probs.shape[1]]
+        if edit_batch is not None:
+            edit_batch(batch)
         metrics = actor.train_step(batch)
         params = checkpoint.gather_full_parameters(actor.model, vocab_size=actor.vocab_size)
+        grads = gathered_gradients(actor, metrics) if reference else None
         pieces = [None] * actor.data_parallel_size
         dist.all_gather_object(pieces, log_probs, group=ps.get_data_parallel_group())
         if dist.get_rank() != 0:
             return None
         width = max(piece.shape[1] for piece in pieces)
         full = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pieces])
-        return {"log_probs": full, "metrics": metrics, "params": params}
+        out = {"log_probs": full, "metrics": metrics, "params": params}
+        if reference:  # the gradients bound each parameter's update (see compare)
+            out["grads"] = grads
+        return out
     finally:
         destroy()
 
 
-def compare(reference: dict, result: dict) -> dict[str, float]:
-    """Max abs differences (gradient norm relative) between two :func:`run_layout` results."""
-    if set(reference["params"]) != set(result["params"]):
-        missing = set(reference["params"]) ^ set(result["params"])
-        raise RuntimeError(f"parameter names differ between the runs: {sorted(missing)[:8]}")
-    param_diff = max(
-        float((reference["params"][name] - result["params"][name]).abs().max())
-        for name in reference["params"]
-    )
-    ref_norm = reference["metrics"]["actor/grad_norm"]
+def gathered_gradients(actor, metrics: dict) -> dict[str, torch.Tensor] | None:
+    """The full gradients of the step just taken, as the optimizer used them (clipped), on
+    global rank 0 (None elsewhere); all ranks call it.
+
+    Read from DDP's ``main_grad`` buffers after the step: Megatron clips the gradients in
+    place and, with fp32 parameters, the optimizer's grads are views of those buffers. Their
+    norm is checked against the reported (pre-clip) gradient norm, so a Megatron change that
+    breaks this cannot go unnoticed.
+    """
+    from megatron_fipo.megatron import checkpoint
+
+    if actor.data_parallel_size > 1 and actor.config.use_distributed_optimizer:
+        raise ValueError("gathered_gradients needs data_parallel 1 or no distributed optimizer")
+    grads = checkpoint.gather_full_parameters(actor.model, main_grad=True)
+    if grads is None:
+        return None
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+    reported, clip = metrics["actor/grad_norm"], actor.optim_config.clip_grad
+    expected = reported * min(1.0, clip / (reported + 1e-6)) if clip else reported
+    depth = sum(grad.numel() for grad in grads.values())  # the norm's sum of squares
+    if abs(norm - expected) > numerics.rounding_tolerance(expected, depth):
+        raise RuntimeError(
+            f"main_grad norm {norm:.6g} after the step is not the clipped gradient norm "
+            f"{expected:.6g}: Megatron no longer leaves the used gradients there"
+        )
+    vocab = set(checkpoint.VOCAB_PARALLEL_PARAMS)
     return {
-        "log_probs": float((reference["log_probs"] - result["log_probs"]).abs().max()),
-        "loss": abs(reference["metrics"]["actor/loss"] - result["metrics"]["actor/loss"]),
-        "grad_norm_rel": abs(ref_norm - result["metrics"]["actor/grad_norm"])
-        / max(ref_norm, 1e-12),
-        "params": param_diff,
+        name: grad[: actor.vocab_size] if name in vocab else grad for name, grad in grads.items()
     }
 
 
-TOLERANCES = {"log_probs": 1e-5, "loss": 1e-5, "grad_norm_rel": 1e-5, "params": 1e-5}
+def depths(settings: CheckSettings) -> tuple[int, int]:
+    """(forward depth of a log-prob, depth of a weight gradient) for the check's model and
+    batch (:mod:`megatron_fipo.numerics`)."""
+    hf = tiny_hf_config(settings.num_layers, settings.tie_word_embeddings)
+    batch = fixed_batch(settings, hf["vocab_size"])
+    lengths = batch.prompt_lengths + batch.response_lengths
+    forward = numerics.transformer_depth(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+        seq_length=int(lengths.max()),
+        vocab_size=hf["vocab_size"],
+    )
+    return forward, numerics.gradient_depth(forward, int(lengths.sum()))
+
+
+def _loss_tolerance(reference: dict, log_prob_tolerance: float, settings) -> float:
+    """The loss is a token mean of ``-A f r`` (clipped): each term moves by its log-prob's
+    error times ``|A| f min(r, c)``, and once more through the FIPO weight ``f = exp(F)``,
+    whose discounted future sum collects independent errors with weight
+    ``sqrt(sum gamma^2k) = 1 / sqrt(1 - gamma^2)``; the mean of ``N`` independent errors
+    shrinks by ``sqrt(N)``."""
+    metrics, config = reference["metrics"], PolicyLossConfig(mode="fipo")
+    advantage = numerics.max_abs(fixed_batch(settings).advantages)
+    sensitivity = (
+        advantage
+        * metrics["fipo/weight_max"]
+        * min(metrics["actor/ratio_max"], config.clip_ratio_c)
+        * (1 + 1 / math.sqrt(1 - config.gamma**2))
+    )
+    return sensitivity * log_prob_tolerance / math.sqrt(metrics["actor/num_tokens"])
+
+
+def _adam_step(optim, name: str, previous: list[dict[str, torch.Tensor]]) -> numerics.AdamStep:
+    """Adam's moments before this step, rebuilt from the earlier steps' (clipped) gradients
+    exactly as torch Adam accumulates them."""
+    exp_avg = exp_avg_sq = None
+    for grads in previous:
+        grad = grads[name].double()
+        if exp_avg is None:
+            exp_avg, exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+        exp_avg = optim.adam_beta1 * exp_avg + (1 - optim.adam_beta1) * grad
+        exp_avg_sq = optim.adam_beta2 * exp_avg_sq + (1 - optim.adam_beta2) * grad * grad
+    return numerics.AdamStep(
+        beta1=optim.adam_beta1,
+        beta2=optim.adam_beta2,
+        eps=optim.adam_eps,
+        step=len(previous) + 1,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+    )
+
+
+def parameter_bounds(reference: dict, settings: CheckSettings) -> dict[str, torch.Tensor]:
+    """Elementwise bound on |layout - reference| of each parameter after the step.
+
+    The gradient tolerance (relative to the largest gradient of that tensor) carried
+    through the update (SGD: times lr; Adam: :func:`numerics.adam_update_bound`, with the
+    moments of ``reference["previous_grads"]``, the clipped gradients of earlier steps, if
+    any), plus the rounding of the update itself relative to ``|p_new| + lr |direction|``.
+    """
+    _, grad_depth = depths(settings)
+    _, optim = settings.actor_configs()
+    rounding = numerics.rounding_tolerance(1.0, numerics.UPDATE_ROUNDINGS[optim.optimizer])
+    bounds = {}
+    for name, grad in reference["grads"].items():
+        grad_tol = numerics.rounding_tolerance(numerics.max_abs(grad), grad_depth)
+        if optim.optimizer == "sgd":  # the update is lr x the gradient
+            moved = torch.full_like(grad, optim.lr * grad_tol, dtype=torch.float64)
+            step = optim.lr * grad.double().abs()
+        else:
+            adam = _adam_step(optim, name, reference.get("previous_grads", []))
+            moved = optim.lr * numerics.adam_update_bound(grad, grad_tol, adam)
+            step = optim.lr * adam.direction(grad).abs()
+        bounds[name] = moved + rounding * (reference["params"][name].double().abs() + step)
+    return bounds
+
+
+def compare(reference: dict, result: dict, settings: CheckSettings) -> list[Comparison]:
+    """Each compared quantity of two :func:`run_layout` results (``reference`` from the
+    single process, with its gradients) with its difference and derived tolerance."""
+    if set(reference["params"]) != set(result["params"]):
+        missing = set(reference["params"]) ^ set(result["params"])
+        raise RuntimeError(f"parameter names differ between the runs: {sorted(missing)[:8]}")
+    forward_depth, grad_depth = depths(settings)
+    log_probs = numerics.compare_tensors(
+        "log_probs", result["log_probs"], reference["log_probs"], forward_depth
+    )
+    ref_metrics, metrics = reference["metrics"], result["metrics"]
+    loss = Comparison(
+        "loss",
+        abs(ref_metrics["actor/loss"] - metrics["actor/loss"]),
+        _loss_tolerance(reference, log_probs.tolerance, settings),
+    )
+    ref_norm = ref_metrics["actor/grad_norm"]
+    grad_norm = Comparison(
+        "grad_norm (relative)",
+        abs(ref_norm - metrics["actor/grad_norm"]) / ref_norm,
+        numerics.rounding_tolerance(1.0, grad_depth),
+    )
+    worst = None
+    for name, bound in parameter_bounds(reference, settings).items():
+        diff = (reference["params"][name].double() - result["params"][name].double()).abs()
+        index = int((diff / bound).argmax())
+        candidate = Comparison(
+            f"params ({name})", float(diff.view(-1)[index]), float(bound.view(-1)[index])
+        )
+        if worst is None or candidate.ratio > worst.ratio:
+            worst = candidate
+    return [log_probs, loss, grad_norm, worst]
+
+
+def undetermined_signs(reference: dict, settings: CheckSettings) -> tuple[int, int]:
+    """(elements whose reference gradient is within its own rounding tolerance, all
+    elements): under Adam these may move by up to 2 lr in either run."""
+    _, grad_depth = depths(settings)
+    count = total = 0
+    for grad in reference["grads"].values():
+        tol = numerics.rounding_tolerance(numerics.max_abs(grad), grad_depth)
+        count += int(((grad.abs() <= tol) & (grad != 0)).sum())
+        total += grad.numel()
+    return count, total
 
 
 def _spawned_rank(rank, world_size, port, parallel, settings, checkpoint_dir, reference, results):
@@ -259,20 +415,23 @@ def main(argv=None) -> int:
         start = time.time()
         reference = spawn_run(1, ParallelConfig(), settings, os.path.join(workdir, "init"), True)
         result = spawn_run(world_size, parallel, settings, os.path.join(workdir, "init"), False)
-        return _report(reference, result, time.time() - start, args)
+        return _report(reference, result, time.time() - start, args, settings)
 
 
-def _report(reference: dict, result: dict, seconds: float, args) -> int:
-    diffs = compare(reference, result)
-    failed = {key: value for key, value in diffs.items() if value > TOLERANCES[key]}
+def _report(reference: dict, result: dict, seconds: float, args, settings) -> int:
+    comparisons = compare(reference, result, settings)
     layout = f"tp={args.tp} pp={args.pp} cp={args.cp} dp={args.dp} vpp={args.vpp}"
     print(f"check_parallel {layout} optimizer={args.optimizer} ({seconds:.1f}s)")
-    for key, value in diffs.items():
-        print(f"  max diff {key:14s} {value:.3e}  (tolerance {TOLERANCES[key]:.0e})")
-    print(
-        f"  loss {result['metrics']['actor/loss']:.6f}  grad_norm {result['metrics']['actor/grad_norm']:.6f}"
-    )
-    print("FAILED: " + json.dumps(failed) if failed else "OK")
+    print("  tolerances: fp32 rounding of each quantity (megatron_fipo/numerics.py)")
+    for comparison in comparisons:
+        print(f"  {comparison}")
+    metrics = result["metrics"]
+    print(f"  loss {metrics['actor/loss']:.6f}  grad_norm {metrics['actor/grad_norm']:.6f}")
+    if settings.optimizer == "adam":
+        count, total = undetermined_signs(reference, settings)
+        print(f"  {count} of {total} gradient elements are within their own rounding (Adam sign)")
+    failed = [comparison.name for comparison in comparisons if not comparison.ok]
+    print("FAILED: " + ", ".join(failed) if failed else "OK")
     return 1 if failed else 0
 
 
@@ -306,7 +465,9 @@ def _main_torchrun(parallel, settings, workdir) -> int:
         vpp=parallel.virtual_pipeline,
         optimizer=settings.optimizer,
     )
-    return _report(torch.load(done, weights_only=False), result, time.time() - start, args)
+    return _report(
+        torch.load(done, weights_only=False), result, time.time() - start, args, settings
+    )
 
 
 if __name__ == "__main__":

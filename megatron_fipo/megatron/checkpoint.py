@@ -71,8 +71,9 @@ def _global_name(model, name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
 
 
-def iter_param_shards(model_chunks: list) -> Iterator[ParamShard]:
-    """This rank's :class:`ParamShard` s over all its model chunks.
+def iter_param_shards(model_chunks: list, main_grad: bool = False) -> Iterator[ParamShard]:
+    """This rank's :class:`ParamShard` s over all its model chunks (``main_grad``: each
+    parameter's DDP gradient buffer instead of its value).
 
     Every parameter appears on exactly one PP stage, except that with tied embeddings the last
     stage's copy of the embedding (``output_layer.weight``) is skipped: the first stage's
@@ -92,7 +93,7 @@ def iter_param_shards(model_chunks: list) -> Iterator[ParamShard]:
             is_tp = bool(getattr(param, "tensor_model_parallel", False))
             yield ParamShard(
                 name=_global_name(model, name),
-                tensor=param.detach(),
+                tensor=(param.main_grad if main_grad else param).detach(),
                 tensor_parallel=is_tp,
                 partition_dim=getattr(param, "partition_dim", None) if is_tp else None,
                 partition_stride=int(getattr(param, "partition_stride", 1)),
@@ -323,11 +324,14 @@ VOCAB_PARALLEL_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weigh
 
 
 def gather_full_parameters(
-    model_chunks: list, dst: int = 0, vocab_size: int | None = None
+    model_chunks: list, dst: int = 0, vocab_size: int | None = None, main_grad: bool = False
 ) -> dict[str, torch.Tensor] | None:
     """Full (unsharded, fp32) parameters by global Megatron name, on rank ``dst`` only.
 
     ``vocab_size``: trim the padded vocab rows of :data:`VOCAB_PARALLEL_PARAMS` to it.
+    ``main_grad``: gather the DDP gradient buffers instead (read-only; for checks). After a
+    step they hold the reduced gradient the optimizer used, whole on every rank only when
+    data_parallel is 1 or the distributed optimizer is off (else each DP rank's shard).
 
     All ranks must call it. TP shards are all-gathered inside each TP group (SwiGLU
     ``linear_fc1`` as ``[gate; up]``), then one rank per pipeline stage sends its tensors to
@@ -337,7 +341,7 @@ def gather_full_parameters(
 
     group = ps.get_tensor_model_parallel_group()
     local = {}
-    for shard in iter_param_shards(model_chunks):
+    for shard in iter_param_shards(model_chunks, main_grad=main_grad):
         tensor = shard.tensor.float().contiguous()
         if shard.tensor_parallel and shard.tp_size > 1:
             pieces = [torch.empty_like(tensor) for _ in range(shard.tp_size)]

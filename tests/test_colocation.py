@@ -36,7 +36,9 @@ def _two_steps(rank, world_size, offload_between):
             if offload_between:
                 actor.offload_train_state()
                 sizes.append(
-                    sum(b.grad_data.untyped_storage().size() for c in actor.model for b in c.buffers)
+                    sum(
+                        b.grad_data.untyped_storage().size() for c in actor.model for b in c.buffers
+                    )
                 )
                 with pytest.raises(RuntimeError, match="offloaded"):
                     actor.train_step(batch)

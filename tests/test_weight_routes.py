@@ -17,8 +17,8 @@ import torch
 
 from megatron_fipo.cluster import RayActorGroup, create_placement, init_ray, plan_placement
 from megatron_fipo.cluster.colocation import EngineLifecycle
-from megatron_fipo.components import engine_routes
 from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
+from megatron_fipo.components import engine_routes
 from megatron_fipo.config import load_config
 
 TINY = Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"

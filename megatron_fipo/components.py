@@ -113,9 +113,14 @@ class RunComponents:
         tqdm.write(f"[{time.strftime('%H:%M:%S')}] step {step}: {shown}", file=sys.stderr)
 
     def close(self) -> None:
+        """Stop the reward workers, the engines' servers (their whole process trees: they run in
+        sessions of their own, so killing the engine actors would not end them) and the actors."""
         self.reward.close()
-        for group in (self.engines, self.workers):
-            group.kill()
+        try:
+            self.engines.run_all("shutdown")
+        finally:
+            for group in (self.engines, self.workers):
+                group.kill()
 
 
 @dataclass(kw_only=True)
@@ -213,10 +218,12 @@ def build_components(
     *,
     quiet: bool = False,
     engine_worker: type = EngineWorker,
+    train_worker: type = TrainWorker,
 ) -> RunComponents:
     """Start Ray, place the engines and the training ranks, connect each training rank to where
-    its weights go, and bundle them with ``inputs``. ``engine_worker``: the engine actor class
-    (tests run the SGLang engine against its test double through a subclass)."""
+    its weights go, and bundle them with ``inputs``. ``engine_worker`` / ``train_worker``: the
+    actor classes (tests run the SGLang engine against its test double and observe the
+    training ranks through subclasses)."""
     from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
     from megatron_fipo.cluster.placement import create_placement, plan_placement
 
@@ -235,7 +242,7 @@ def build_components(
     if config.rollout.colocate:
         engines.run_all("release_memory")
     workers = RayActorGroup.training(
-        TrainWorker,
+        train_worker,
         placement,
         worker_args=(config, inputs.init_checkpoint),
         backend=config.trainer.distributed_backend,

@@ -86,7 +86,7 @@ class State:
 
     def log(self, entry):
         with self.cond:
-            self.journal.append(entry)
+            self.journal.append({**entry, "time": time.time()})
 
 
 def schema_error(path, body):
@@ -264,6 +264,11 @@ def receive_tensors(state, payloads):
     ]
     if len({tuple(name for name, _ in named) for named in ranks}) != 1:
         return "TP ranks received different tensors"
+    # Each TP rank gets the full tensors and takes its own shard of them (model loaders'
+    # weight_loader): ranks given different values would hold shards of different models.
+    for named in ranks[1:]:
+        if not all(torch.equal(a, b) for (_, a), (_, b) in zip(ranks[0], named)):
+            return "TP ranks received different values for the same tensors"
     return [(name, tensor.clone()) for name, tensor in ranks[0]]
 
 

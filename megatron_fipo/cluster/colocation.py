@@ -66,8 +66,9 @@ class EngineLifecycle:
 
     def record_memory(self, boundary: str) -> None:
         if self.use_gpu:
-            free = min(free for free, _ in self.workers.run_all("gpu_memory"))
-            self._memory[f"memory/free_gib_{boundary}"] = free
+            seen = [reading for reading in self.workers.run_all("gpu_memory") if reading]
+            if seen:
+                self._memory[f"memory/free_gib_{boundary}"] = min(free for free, _ in seen)
 
     def take_memory_metrics(self) -> dict[str, float]:
         metrics, self._memory = self._memory, {}

@@ -65,7 +65,10 @@ def plan_placement(config: FipoConfig, cpus_per_gpu: float = 4.0) -> PlacementPl
     if not use_gpu:
         cpus = (trainer.cpus_per_node or train_ranks) / trainer.cpu_ranks_per_node
     else:
-        cpus = cpus_per_gpu
+        # trainer.cpus_per_node, when given, is shared by the node's GPUs (bundles).
+        cpus = (
+            trainer.cpus_per_node / trainer.gpus_per_node if trainer.cpus_per_node else cpus_per_gpu
+        )
     return PlacementPlan(
         use_gpu=use_gpu,
         num_bundles=num_bundles,

@@ -170,6 +170,7 @@ class TrainWorker:
         elif route.kind == "sglang_ipc":
             self.link = links.SGLangTensorLink(route, groups.get(route.engine))
         elif route.kind == "sglang_nccl":
+            _check_sender(route)
             self.link = links.SGLangBroadcastLink(route, _node_address())
         else:
             self.link = None
@@ -191,6 +192,10 @@ class TrainWorker:
         link = _LinkWithServers(self.link, servers) if self.link is not None else None
         return self.weight_sync.push(link, version, self.reach)
 
+    def engine_route(self) -> Any:
+        """This rank's :class:`EngineRoute` (set by ``connect_engines``)."""
+        return self.route
+
     def offload_state(self) -> None:
         """Optimizer state and gradient buffers off the device (colocated engines generate)."""
         self.actor.offload_train_state()
@@ -198,8 +203,11 @@ class TrainWorker:
     def restore_state(self) -> None:
         self.actor.restore_train_state()
 
-    def gpu_memory(self) -> tuple[float, float]:
-        """(free, total) GiB of this rank's GPU as the driver sees it (every process on it)."""
+    def gpu_memory(self) -> tuple[float, float] | None:
+        """(free, total) GiB of this rank's GPU (every process on it counted); None without
+        CUDA (e.g. Ray's logical GPUs in tests)."""
+        if not torch.cuda.is_available():
+            return None
         free, total = torch.cuda.mem_get_info()
         return free / 2**30, total / 2**30
 
@@ -230,6 +238,23 @@ class _LinkWithServers:
 
     def load(self, bucket: Any, last: bool) -> None:
         self.link.load(bucket, last)
+
+
+def _check_sender(route: Any) -> None:
+    """A ``nccl`` sender must be TP rank 0 of replica 0 of the stage it sends."""
+    from megatron.core import parallel_state as ps
+
+    where = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+        ps.get_context_parallel_rank(),
+    )
+    if where != (route.stage, 0, 0, 0):
+        raise RuntimeError(
+            f"rank {route.rank} was routed to send stage {route.stage}'s weights but is "
+            f"(stage, TP, DP, CP) = {where}: the rank order is not Megatron's default"
+        )
 
 
 def _node_address() -> str:

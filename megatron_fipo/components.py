@@ -43,6 +43,7 @@ class RunComponents:
     workers: Any  # RayActorGroup of TrainWorker
     engines: Any  # RayActorGroup of EngineWorker
     lifecycle: Any  # EngineLifecycle: memory hand-over and weight updates
+    placement: Any = None  # RayPlacement: its bundles are returned on close
     reward: Any
     stop_token_ids: tuple[int, ...]
     quiet: bool = False
@@ -121,6 +122,10 @@ class RunComponents:
         finally:
             for group in (self.engines, self.workers):
                 group.kill()
+            if self.placement is not None:
+                import ray
+
+                ray.util.remove_placement_group(self.placement.placement_group)
 
 
 @dataclass(kw_only=True)
@@ -184,7 +189,7 @@ def engine_routes(config: FipoConfig, plan: Any, engines: Any) -> list:
     if transport == "sglang_nccl":
         world, stages = config.training_world_size, config.parallelism.pipeline_model_parallel_size
         return broadcast_routes(world, {s * (world // stages): s for s in range(stages)})
-    return colocated_routes(plan.train_bundles, plan.engine_bundles, engines.actors, transport)
+    return colocated_routes(plan.train_bundles, plan.engine_bundles, transport, engines.actors)
 
 
 def prepare_inputs(config: FipoConfig) -> RunInputs:
@@ -261,6 +266,7 @@ def build_components(
         workers=workers,
         engines=engines,
         lifecycle=lifecycle,
+        placement=placement,
         reward=inputs.reward,
         stop_token_ids=inputs.stop_token_ids,
         quiet=quiet,

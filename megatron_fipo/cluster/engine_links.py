@@ -9,8 +9,9 @@ computes the routes (once) and opens / closes each engine's update session.
   hands it, by reference (``flat_bucket``: a CUDA IPC handle, or a shared-memory name on CPU),
   to the engine process on its own device:
 
-  - :class:`RayEngineLink`: an engine actor on this bundle (the HF engine); the payload (about a
-    kilobyte) goes as an actor-call argument, inline;
+  - :class:`EngineWeightsLink`: the HF engine on this bundle shares its weight tensors (its
+    update payload maps them here) and the rank assembles each bucket's pieces straight into
+    them: one copy from the exchanged shards to the engine's weights, nothing sent per bucket;
   - :class:`SGLangTensorLink`: SGLang TP rank ``tp_index`` of the engine spanning this rank's
     device. The engine's training ranks gather their payloads on the first of them, which posts
     them in one ``/update_weights_from_tensor`` (payload ``i`` for TP rank ``i``), then tells
@@ -35,9 +36,9 @@ from typing import Any, Literal
 
 import torch.distributed as dist
 
-from megatron_fipo.rollout.flat_bucket import FlatBucket, share, use_file_system_sharing
+from megatron_fipo.rollout.flat_bucket import FlatBucket, use_file_system_sharing
 
-RouteKind = Literal["ray_engine", "sglang_ipc", "sglang_nccl", "none"]
+RouteKind = Literal["engine_weights", "sglang_ipc", "sglang_nccl", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,8 @@ class EngineRoute:
     peers: tuple[int, ...] = ()
     """The training ranks feeding the same engine, by its TP rank (ipc; the first posts)."""
     handle: Any = None
-    """The engine worker's Ray actor handle (``ray_engine``)."""
+    """The engine worker's Ray actor handle (``engine_weights``: the rank asks it directly for
+    its weights' payload, so not even those references pass through the driver)."""
     stage: int = 0
     """The pipeline stage this rank sends (``sglang_nccl``)."""
 
@@ -61,8 +63,8 @@ class EngineRoute:
 def colocated_routes(
     train_bundles: Sequence[int],
     engine_bundles: Sequence[Sequence[int]],
-    handles: Sequence[Any],
     transport: RouteKind,
+    handles: Sequence[Any] = (),
 ) -> list[EngineRoute]:
     """One route per training rank: the engine TP rank on the rank's own bundle (device)."""
     owner = {b: r for r, b in enumerate(train_bundles)}
@@ -78,7 +80,7 @@ def colocated_routes(
             continue
         index, position = where[bundle]
         peers = tuple(owner[b] for b in engine_bundles[index])
-        handle = handles[index] if transport == "ray_engine" else None
+        handle = handles[index] if transport == "engine_weights" else None
         routes.append(EngineRoute(rank, transport, index, position, peers, handle))
     return routes
 
@@ -105,21 +107,29 @@ def call_engine(handle: Any, method: str, *args: Any) -> Any:
     return result
 
 
-class RayEngineLink:
-    """Feeds an engine actor on this bundle: one shared-buffer payload per bucket."""
+class EngineWeightsLink:
+    """Writes straight into the weights of the engine on this bundle (the HF engine): the
+    engine's update payload maps its weight tensors here (shared memory on CPU, CUDA IPC on GPU),
+    and the bucket assembly copies each piece into them (``targets``); nothing is sent per
+    bucket. The engine records the version when the driver closes the update."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self._version = -1
+        self.targets: dict[str, Any] | None = None
         use_file_system_sharing()
 
     @contextlib.contextmanager
     def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
-        self._version = int(version)
-        yield
+        from megatron_fipo.rollout.flat_bucket import open_named
+
+        self.targets = dict(open_named(call_engine(self.handle, "weights_payload")))
+        try:
+            yield
+        finally:
+            self.targets = None  # drop the mappings: the engine may move its weights
 
     def load(self, bucket: FlatBucket, last: bool) -> None:
-        call_engine(self.handle, "load_bucket", share(bucket), self._version)
+        """Nothing to send: the pieces are already in the engine's weights."""
 
 
 class SGLangTensorLink:
@@ -134,6 +144,7 @@ class SGLangTensorLink:
         self.timeout_s = timeout_s
         self._server: Any = None
         self._version = -1
+        self.targets = None  # buckets are sent, not written in place
         use_file_system_sharing()  # CPU tests; on GPU the buffers are CUDA (IPC handles)
 
     @property
@@ -194,6 +205,7 @@ class SGLangBroadcastLink:
         """This node's address, which the servers (on other nodes) connect to."""
         self.timeout_s = timeout_s
         self.group_name = f"fipo_weights_stage{route.stage}"
+        self.targets = None  # buckets are broadcast, not written in place
         self._group: Any = None
         self._servers: list[Any] = []
         self._specs: tuple[Any, ...] = ()

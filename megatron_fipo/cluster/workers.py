@@ -165,8 +165,8 @@ class TrainWorker:
         route = routes[dist.get_rank()]
         self.route = route
         self.reach = "own_stage" if any(r.kind == "sglang_nccl" for r in routes) else "all_ranks"
-        if route.kind == "ray_engine":
-            self.link = links.RayEngineLink(route.handle)
+        if route.kind == "engine_weights":
+            self.link = links.EngineWeightsLink(route.handle)
         elif route.kind == "sglang_ipc":
             self.link = links.SGLangTensorLink(route, groups.get(route.engine))
         elif route.kind == "sglang_nccl":
@@ -235,6 +235,10 @@ class _LinkWithServers:
 
     def update(self, version: int) -> Any:
         return self.link.update(version, self.servers)
+
+    @property
+    def targets(self) -> Any:
+        return self.link.targets
 
     def load(self, bucket: Any, last: bool) -> None:
         self.link.load(bucket, last)
@@ -338,16 +342,6 @@ class EngineWorker:
         except WeightsNeeded:
             return None
 
-    def load_bucket(self, payload: str, version: int) -> None:
-        """Copy the bucket a training rank on this node shares (``flat_bucket.share``) into the
-        engine; when this returns the sender may reuse its buffer."""
-        from megatron_fipo.rollout.flat_bucket import open_shared, use_file_system_sharing
-
-        use_file_system_sharing()
-        bucket = open_shared(payload)
-        self.engine.update_weights(bucket.named_tensors(), version)
-        del bucket  # drop the mapping of the sender's buffer now
-
     def release_memory(self, tags: list[str] | None = None) -> None:
         """Hand the device memory to the colocated training ranks (all, or ``tags``)."""
         self.engine.pause(tags)
@@ -358,13 +352,17 @@ class EngineWorker:
     def weight_transport(self) -> str:
         """How this engine takes weights (the kind of route its training ranks use)."""
         if self.config.rollout.engine == "hf":
-            return "ray_engine"
+            return "engine_weights"
         return "sglang_ipc" if self.config.rollout.weight_sync_mode == "ipc" else "sglang_nccl"
 
     def begin_weight_update(self) -> list[Any]:
-        """Open an update that the training ranks fill; the server specs they post to (the HF
-        engine: none, buckets arrive through ``load_bucket``)."""
+        """Open an update that the training ranks fill; the SGLang server specs they post to
+        (the HF engine: none, its training rank writes into ``weights_payload``)."""
         return self.engine.begin_external_update()
+
+    def weights_payload(self) -> str:
+        """A reference to the HF engine's weight tensors for the training rank beside it."""
+        return self.engine.weights_payload()
 
     def end_weight_update(self, version: int, succeeded: bool) -> None:
         self.engine.end_external_update(version, succeeded)

@@ -61,29 +61,14 @@ class FlatBucket:
         return sum(e.numel for e in self.entries) * self.buffer.element_size()
 
 
-class BucketPacker:
-    """Packs named tensors into one reused buffer (shared memory on CPU, the tensors' device
-    on GPU), so a sync allocates it once rather than per bucket."""
+class ReusedBuffer:
+    """A 1-D buffer kept between buckets and syncs (allocating afresh costs page faults), in
+    shared memory on CPU (another process may map it), on the requested device otherwise."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def pack(self, named: Sequence[tuple[str, torch.Tensor]]) -> FlatBucket:
-        if not named:
-            raise ValueError("an empty bucket cannot be packed")
-        dtype, device = named[0][1].dtype, named[0][1].device
-        entries, offset = [], 0
-        for name, tensor in named:
-            if tensor.dtype != dtype:
-                raise ValueError(f"bucket mixes {dtype} and {tensor.dtype} ({name})")
-            entries.append(BucketEntry(name, tuple(tensor.shape), offset))
-            offset += tensor.numel()
-        buffer = self._take(offset, dtype, device)
-        for entry, (_, tensor) in zip(entries, named):
-            buffer[entry.offset : entry.offset + entry.numel].view(entry.shape).copy_(tensor)
-        return FlatBucket(buffer, tuple(entries))
-
-    def _take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         num_bytes = numel * dtype.itemsize
         kept = self._buffer
         if kept is None or kept.numel() < num_bytes or kept.device != device:
@@ -95,6 +80,26 @@ class BucketPacker:
 
     def release(self) -> None:
         self._buffer = None
+
+
+class BucketPacker(ReusedBuffer):
+    """Packs named tensors into one reused buffer (shared memory on CPU, the tensors' device
+    on GPU), so a sync allocates it once rather than per bucket."""
+
+    def pack(self, named: Sequence[tuple[str, torch.Tensor]]) -> FlatBucket:
+        if not named:
+            raise ValueError("an empty bucket cannot be packed")
+        dtype, device = named[0][1].dtype, named[0][1].device
+        entries, offset = [], 0
+        for name, tensor in named:
+            if tensor.dtype != dtype:
+                raise ValueError(f"bucket mixes {dtype} and {tensor.dtype} ({name})")
+            entries.append(BucketEntry(name, tuple(tensor.shape), offset))
+            offset += tensor.numel()
+        buffer = self.take(offset, dtype, device)
+        for entry, (_, tensor) in zip(entries, named):
+            buffer[entry.offset : entry.offset + entry.numel].view(entry.shape).copy_(tensor)
+        return FlatBucket(buffer, tuple(entries))
 
 
 def share(bucket: FlatBucket) -> str:
@@ -138,3 +143,16 @@ def bucket_stream(
         size += num_bytes
     if group:
         yield group
+
+
+def serialize_named(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """A payload referring to each tensor of ``named`` (shared memory on CPU: the tensors must
+    already live there; CUDA IPC handles on GPU); :func:`open_named` maps them."""
+    stream = io.BytesIO()
+    ForkingPickler(stream).dump(list(named))
+    return base64.b64encode(stream.getvalue()).decode()
+
+
+def open_named(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a :func:`serialize_named` payload refers to, mapped (not copied)."""
+    return _TensorOnly(io.BytesIO(base64.b64decode(payload, validate=True))).load()

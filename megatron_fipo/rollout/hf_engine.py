@@ -29,6 +29,7 @@ from megatron_fipo.rollout.engine import (
     SamplingParams,
     validate_requests,
 )
+from megatron_fipo.rollout.flat_bucket import serialize_named, use_file_system_sharing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,6 +127,11 @@ class HFRolloutEngine(RolloutEngine):
         self._released: set[str] = set()
         self._seed_stream = torch.Generator().manual_seed(self.config.seed)
         # Tied embeddings appear under both names in state_dict; both may be sent.
+        if self.device.type == "cpu":
+            # Weights in named shared memory: the training rank beside the engine writes new
+            # weights straight into them (weights_payload), with no copy in between.
+            use_file_system_sharing()
+            self.model.share_memory()
         self._tensors_by_name = dict(self.model.state_dict(keep_vars=True))
 
     @property
@@ -249,6 +255,18 @@ class HFRolloutEngine(RolloutEngine):
         if WEIGHTS_TAG in wanted and self.device.type != "cpu":
             self.model.to(self.device)
         self._released -= wanted
+
+    def weights_payload(self) -> str:
+        """A payload referring to every weight tensor (shared memory on CPU, CUDA IPC on GPU),
+        for the training rank beside this engine to write new weights into in place
+        (``megatron_fipo.cluster.engine_links.EngineWeightsLink``). Made afresh for each update:
+        on an accelerator the weights move when released and resumed."""
+        named = [(name, t.data) for name, t in self.model.state_dict(keep_vars=True).items()]
+        return serialize_named(named)
+
+    def end_external_update(self, version: int, succeeded: bool) -> None:
+        if succeeded:
+            self._version = int(version)
 
     @property
     def released(self) -> frozenset[str]:

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_convert.adapters import adapter_for
+from megatron_fipo.rollout import bucket_assembly as assembly
 from megatron_fipo.rollout.engine import RolloutEngine
-from megatron_fipo.rollout.flat_bucket import BucketPacker
+from megatron_fipo.rollout.flat_bucket import BucketPacker, FlatBucket, ReusedBuffer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Reach = Literal["all_ranks", "stage_leaders", "own_stage"]
@@ -67,6 +68,8 @@ class ParamMeta:
     dtype: torch.dtype
     stage: int
     tensor_parallel: bool
+    partition_dim: int | None = None
+    gated: bool = False
 
     @property
     def numel(self) -> int:
@@ -142,6 +145,8 @@ class WeightSync:
         self.stats = SyncStats()
         self._buffers: dict[str, torch.Tensor] = {}
         self._packer = BucketPacker()
+        self._local = ReusedBuffer()  # this rank's shards of a bucket (shared on CPU)
+        self._gathered = ReusedBuffer()  # every TP rank's, after an all-gather (GPU)
 
     def _buffer(
         self, key: str, numel: int, dtype: torch.dtype, device: torch.device
@@ -158,23 +163,91 @@ class WeightSync:
     def release_buffers(self) -> None:
         """Free the kept buffers (with ``reuse_buffers``), e.g. before a colocated train step."""
         self._buffers.clear()
-        self._packer.release()
+        for reused in (self._packer, self._local, self._gathered):
+            reused.release()
 
     def push(self, link: Any, version: int, reach: Reach = "all_ranks") -> int:
         """All ranks together: each bucket, full and HF-named, packed into one flat buffer and
         handed to ``link`` (where this rank's weights go: ``link.load(bucket, last)`` returns once
         the receiver holds it; None for a rank that sends nothing, which still takes part in
-        every collective). ``link.update(version)`` brackets the whole update. ``reach``: who
-        gets which buckets (:meth:`iter_hf_buckets`). Returns ``version``."""
+        every collective). ``link.update(version)`` brackets the whole update; a link whose
+        ``targets`` are an engine's own weight tensors gets the pieces written straight into
+        them. ``reach``: who gets which buckets (:meth:`iter_hf_buckets`). Returns ``version``."""
         if link is None:
-            for _ in self.iter_hf_buckets(reach, convert=False):
+            for _ in self._stream(reach, None, convert=False):
                 pass
         else:
-            with link.update(version):
-                for named, last in self.iter_hf_buckets(reach):
-                    link.load(self._packer.pack(named), last)
+            with link.update(version):  # may map the engine's own weights: link.targets
+                for bucket, last in self._stream(reach, link.targets, convert=True):
+                    link.load(bucket, last)
         self.version = int(version)
         return self.version
+
+    def _stream(
+        self, reach: Reach, targets: dict[str, torch.Tensor] | None, convert: bool
+    ) -> Iterator[tuple[FlatBucket, bool]]:
+        if reach == "all_ranks":
+            return self.iter_assembled(targets)
+        named_stream = self.iter_hf_buckets(reach, convert=convert)
+        return ((self._packer.pack(named), last) for named, last in named_stream)
+
+    def iter_assembled(
+        self, targets: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[tuple[FlatBucket, bool]]:
+        """Every rank: each bucket as one flat buffer of HF-named tensors (shared memory on
+        CPU), assembled from the TP ranks' exchanged shards in a single copy
+        (:mod:`bucket_assembly`), then broadcast over PP from its stage; with ``is_last``.
+
+        ``targets``: the engine's own weight tensors (mapped from its process): the pieces are
+        then written straight into them (with PP > 1, from the broadcast flat buffer), and the
+        yielded buckets are only for the record."""
+        tp_size = dist.get_world_size(self.tp_group)
+        pp_rank, pp_size = dist.get_rank(self.pp_group), dist.get_world_size(self.pp_group)
+        shards = {shard.name: shard for shard in self._shards_fn()}
+        device = next(iter(shards.values())).tensor.device
+        stage_metas: list[list[ParamMeta]] = [[] for _ in range(pp_size)]
+        stage_metas[pp_rank] = [self._meta(shard, pp_rank) for shard in shards.values()]
+        if pp_size > 1:
+            dist.all_gather_object(stage_metas, stage_metas[pp_rank], group=self.pp_group)
+        plan = [
+            (stage, bucket)
+            for stage in range(pp_size)
+            for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes)
+        ]
+        self.stats = SyncStats()
+        for position, (stage, bucket) in enumerate(plan):
+            entries = assembly.hf_entries(self.adapter, bucket)
+            dtype = _DTYPES[self.config.dtype] if self.config.dtype else bucket[0].dtype
+            out = self._packer.take(sum(e.numel for e in entries), dtype, device)
+            flat = FlatBucket(out, entries)
+            direct = targets is not None and pp_size == 1
+            if stage == pp_rank:
+                views = targets if direct else dict(flat.named_tensors())
+                self._assemble(bucket, shards, views, tp_size, device)
+            if pp_size > 1:
+                source = dist.get_global_rank(self.pp_group, stage)
+                dist.broadcast(out, src=source, group=self.pp_group)
+                if targets is not None:
+                    for name, tensor in flat.named_tensors():
+                        targets[name].copy_(tensor)
+            self._record(bucket)
+            yield flat, position == len(plan) - 1
+
+    def _assemble(self, bucket, shards, views, tp_size, device) -> None:
+        numel = sum(assembly.shard_numel(meta, tp_size) for meta in bucket)
+        local = self._local.take(numel, bucket[0].dtype, device)
+        assembly.pack_local(bucket, shards, local)
+        if tp_size == 1:
+            assembly.assemble(self.adapter, bucket, [local], views)
+            return
+        gathered = None
+        if device.type != "cpu":
+            gathered = self._gathered.take(numel * tp_size, bucket[0].dtype, device)
+        flats = assembly.exchange(local, self.tp_group, gathered)
+        assembly.assemble(self.adapter, bucket, flats, views)
+        del flats
+        if device.type == "cpu":
+            dist.barrier(group=self.tp_group)  # every peer has read this rank's shards
 
     def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
         """Push the current weights to `engine` (given on the driving rank, None elsewhere).
@@ -266,12 +339,15 @@ class WeightSync:
         shape = list(shard.tensor.shape)
         if shard.tensor_parallel and shard.tp_size > 1:
             shape[shard.partition_dim] *= shard.tp_size
+        split = shard.tensor_parallel and shard.tp_size > 1
         return ParamMeta(
             name=shard.name,
             shape=tuple(shape),
             dtype=shard.tensor.dtype,
             stage=stage,
-            tensor_parallel=shard.tensor_parallel and shard.tp_size > 1,
+            tensor_parallel=split,
+            partition_dim=shard.partition_dim if split else None,
+            gated=bool(shard.gated) and split,
         )
 
     def _gather_bucket(

@@ -345,6 +345,22 @@ class EvalSamplingConfig(_Section):
 
 
 @_dc
+class SGLangServerConfig(_Section):
+    """How the SGLang engine manages its servers (the rest of its settings are the rollout
+    section's: TP size, memory fraction, host, bucket size, determinism, extra arguments)."""
+
+    SECTION: ClassVar[str] = "rollout.sglang"
+    startup_timeout_s: float = _num(900.0, gt=0)
+    """Seconds a server may take to answer /health after its launch (model load, CUDA graphs)."""
+    request_timeout_s: float = _num(3600.0, gt=0)
+    """Seconds one HTTP request may take (a long generation, a weight bucket)."""
+    max_concurrent_requests: int = _num(256, ge=1)
+    """Generation requests in flight per engine."""
+    max_restarts: int = _num(3, ge=0)
+    """Restarts allowed per server over the engine's life (then the run stops)."""
+
+
+@_dc
 class RolloutConfig(_Section):
     """Generation engines and sampling for training rollouts."""
 
@@ -389,6 +405,8 @@ class RolloutConfig(_Section):
     rollouts. Off: seeds are ignored and SGLang rollouts are not reproducible."""
     hf_max_batch_size: int = _num(64, ge=1)
     """HF engine: requests decoded together (larger request lists are split)."""
+    sglang: SGLangServerConfig = field(default_factory=SGLangServerConfig)
+    """SGLang server management: timeouts, concurrency, restarts."""
     eval_sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     """Sampling used by evaluation."""
 

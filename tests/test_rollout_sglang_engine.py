@@ -20,9 +20,16 @@ import pytest
 import torch
 import torch.multiprocessing
 
+from megatron_fipo.config import RolloutConfig, SGLangServerConfig
 from megatron_fipo.rollout import sglang_engine as se
 from megatron_fipo.rollout import sglang_server as ss
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
+
+
+def rollout(**fields):
+    """The run's rollout section, as the engine receives it (SGLang, colocated by default)."""
+    return RolloutConfig(engine="sglang", **fields)
+
 
 FAKE = pathlib.Path(__file__).with_name("rollout_fake_sglang.py")
 spec = importlib.util.spec_from_file_location("rollout_fake_sglang", FAKE)
@@ -118,7 +125,10 @@ CLOSE = ["/end_weight_update", "/continue_generation"]
 @pytest.fixture(scope="module")
 def engine():
     config = se.SGLangEngineConfig(
-        model_path="/unused", num_servers=2, tp_size=2, base_gpu_id=4, update_bucket_bytes=60
+        model_path="/unused",
+        num_servers=2,
+        base_gpu_id=4,
+        rollout=rollout(engine_tensor_parallel_size=2, weight_sync_bucket_bytes=60),
     )
     with se.SGLangRolloutEngine(config, launch_command=launcher()) as engine:
         yield engine
@@ -300,7 +310,7 @@ def test_health_is_503_while_the_server_starts():
 def test_seeds_hold_only_with_deterministic_inference(engine):
     requests = make_requests(4, temperature=1.0, max_new_tokens=8, seed=11)
     config = se.SGLangEngineConfig(
-        model_path="/unused", num_servers=2, deterministic_inference=True
+        model_path="/unused", num_servers=2, rollout=rollout(deterministic_inference=True)
     )
     with se.SGLangRolloutEngine(config, launch_command=launcher()) as deterministic:
         first = {s.request_id: s.response_token_ids for s in deterministic.generate(requests)}
@@ -371,7 +381,9 @@ def test_requests_left_running_are_aborted_before_release_and_update():
 
 
 def test_unfinished_requests_are_retried_after_a_crash():
-    config = se.SGLangEngineConfig(model_path="/unused", max_concurrent_requests=6)
+    config = se.SGLangEngineConfig(
+        model_path="/unused", rollout=rollout(sglang=SGLangServerConfig(max_concurrent_requests=6))
+    )
     with se.SGLangRolloutEngine(
         config, launch_command=launcher(die_on_generate=3, delay=0.5)
     ) as engine:
@@ -386,7 +398,9 @@ def test_unfinished_requests_are_retried_after_a_crash():
 
 
 def test_crash_during_update_blocks_generation_until_an_update_succeeds():
-    config = se.SGLangEngineConfig(model_path="/unused", update_bucket_bytes=60)
+    config = se.SGLangEngineConfig(
+        model_path="/unused", rollout=rollout(weight_sync_bucket_bytes=60)
+    )
     with se.SGLangRolloutEngine(config, launch_command=launcher(die_on_update=2)) as engine:
         with pytest.raises(ss.ServerDied):
             engine.update_weights(WEIGHTS, version=1)  # the 2nd bucket kills the server
@@ -401,7 +415,7 @@ def test_crash_during_update_blocks_generation_until_an_update_succeeds():
 def test_distributed_update_and_resync_over_gloo():
     config = se.SGLangEngineConfig(
         model_path="/unused", num_servers=2, weight_update_mode="distributed", group_backend="gloo",
-        update_bucket_bytes=60,
+        rollout=rollout(weight_sync_bucket_bytes=60),
     )  # fmt: skip
     with se.SGLangRolloutEngine(config, launch_command=launcher()) as engine:
         inits = [e["body"] for s in engine.servers for e in journal(s)]

@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from megatron_fipo.cluster import engine_links as links
+from megatron_fipo.config import RolloutConfig
 from megatron_fipo.rollout import sglang_engine as se
 from megatron_fipo.rollout import sglang_server as ss
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
@@ -246,7 +247,9 @@ def test_launch_flags_environment_and_memory_tags_exist(wheel):
             for node in ast.walk(tree):
                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                     names.add(node.target.id)
-    config = se.SGLangEngineConfig(model_path="/m", deterministic_inference=True)
+    config = se.SGLangEngineConfig(
+        model_path="/m", rollout=RolloutConfig(engine="sglang", deterministic_inference=True)
+    )
     spec = ss.ServerSpec(index=0, host="h", port=1, base_gpu_id=0, launch_count=0)
     flags = [a for a in se.default_launch_command(config, spec) if a.startswith("--")]
     assert "--enable-deterministic-inference" in flags

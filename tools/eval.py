@@ -202,13 +202,17 @@ def build_engine(config: EvalConfig, model_dir: Path) -> Any:
             seed=config.seed,
         )
         return HFRolloutEngine(engine_config)
+    from megatron_fipo.config import RolloutConfig
     from megatron_fipo.rollout.sglang_engine import SGLangEngineConfig, SGLangRolloutEngine
 
-    engine_config = SGLangEngineConfig(
-        model_path=str(model_dir),
-        tp_size=config.sglang_tp_size,
+    # An inference-only engine: no training shares its GPUs, hence its own memory fraction.
+    rollout = RolloutConfig(
+        engine="sglang",
+        engine_tensor_parallel_size=config.sglang_tp_size,
         mem_fraction_static=config.sglang_mem_fraction,
-        dtype=config.sglang_dtype,
+    )
+    engine_config = SGLangEngineConfig(
+        model_path=str(model_dir), rollout=rollout, dtype=config.sglang_dtype
     )
     return SGLangRolloutEngine(engine_config).start()
 

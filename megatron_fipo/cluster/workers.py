@@ -393,13 +393,5 @@ def _sglang_engine_config(config: FipoConfig, model_path: str | None) -> Any:
         raise ValueError("rollout.engine=sglang needs model.hf_model_path (the servers load it)")
     gpu_ids = [int(i) for i in os.environ.get("FIPO_GPU_IDS", "0").split(",")]
     return SGLangEngineConfig(
-        model_path=path,
-        tp_size=rollout.engine_tensor_parallel_size,
-        base_gpu_id=gpu_ids[0],
-        mem_fraction_static=rollout.mem_fraction_static,
-        dtype=config.model.dtype,
-        host=rollout.host,
-        update_bucket_bytes=rollout.weight_sync_bucket_bytes,
-        deterministic_inference=rollout.deterministic_inference,
-        extra_server_args=tuple(rollout.extra_server_args),
+        model_path=path, rollout=rollout, dtype=config.model.dtype, base_gpu_id=gpu_ids[0]
     )

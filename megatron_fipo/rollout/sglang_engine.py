@@ -44,12 +44,13 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.config import RolloutConfig
 from megatron_fipo.rollout.engine import (
     EngineHealth,
     GenerationRequest,
@@ -90,49 +91,52 @@ PAUSE_MODE = "abort"
 
 @dataclass(kw_only=True, slots=True)
 class SGLangEngineConfig:
-    """Settings of the SGLang servers this engine starts."""
+    """One engine: what its servers load and where they run. Every setting comes from the run's
+    rollout section (``rollout``, passed as is: TP size, memory fraction, host, bucket size,
+    determinism, extra arguments, and ``rollout.sglang``'s timeouts, concurrency and restarts);
+    the fields here are facts of the placement."""
 
     model_path: str
     """HF model directory the servers load at start (architecture, tokenizer-free)."""
-    num_servers: int = 1
-    tp_size: int = 1
-    """GPUs per server; server i uses GPUs [base_gpu_id + i * tp_size, ...)."""
-    base_gpu_id: int = 0
-    """Physical GPU index of server 0's first rank. Tensor updates are staged on each receiving
-    rank's own GPU (`staging_devices`), never on the process's current device."""
-    mem_fraction_static: float = 0.8
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dtype: str = "bfloat16"
-    host: str = "127.0.0.1"
+    """The model's dtype (``model.dtype``)."""
+    num_servers: int = 1
+    base_gpu_id: int = 0
+    """Physical GPU index of server 0's first rank; server i uses GPUs [base_gpu_id + i *
+    tp_size, ...). Tensor updates are staged on each receiving rank's own GPU
+    (`staging_devices`), never on the process's current device."""
     weight_update_mode: Literal["tensor", "distributed"] = "tensor"
-    update_bucket_bytes: int = 512 * 1024**2
+    """How `update_weights` (weights pushed through this engine's process, as tools do) reaches
+    the servers; a run's training ranks feed the servers themselves (`begin_external_update`)."""
     group_backend: str = "nccl"
     """Backend of the distributed weight-update group (gloo only for CPU tests)."""
     group_name: str = "fipo_weight_update"
-    deterministic_inference: bool = False
-    """Launch with --enable-deterministic-inference (batch-invariant kernels, slower): the only
-    mode in which SGLang honours per-request seeds."""
-    startup_timeout_s: float = 900.0
-    request_timeout_s: float = 3600.0
-    max_concurrent_requests: int = 256
-    max_restarts: int = 3
-    """Restarts allowed per server over the engine's life."""
-    extra_server_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model_path:
             raise ValueError("SGLangEngineConfig.model_path is empty")
-        for name in ("num_servers", "tp_size", "max_concurrent_requests", "update_bucket_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SGLangEngineConfig.{name} must be >= 1")
+        if self.num_servers < 1:
+            raise ValueError(f"SGLangEngineConfig.num_servers must be >= 1, got {self.num_servers}")
         if self.base_gpu_id < 0:
             raise ValueError(f"SGLangEngineConfig.base_gpu_id must be >= 0, got {self.base_gpu_id}")
-        if not 0.0 < self.mem_fraction_static < 1.0:
-            raise ValueError("SGLangEngineConfig.mem_fraction_static must be in (0, 1)")
         if self.weight_update_mode not in ("tensor", "distributed"):
             raise ValueError(
                 f"SGLangEngineConfig.weight_update_mode must be 'tensor' or 'distributed', "
                 f"got {self.weight_update_mode!r}"
             )
+
+    # The rollout section's settings, under the names the engine uses.
+    tp_size = property(lambda self: self.rollout.engine_tensor_parallel_size)
+    mem_fraction_static = property(lambda self: self.rollout.mem_fraction_static)
+    host = property(lambda self: self.rollout.host)
+    update_bucket_bytes = property(lambda self: self.rollout.weight_sync_bucket_bytes)
+    deterministic_inference = property(lambda self: self.rollout.deterministic_inference)
+    extra_server_args = property(lambda self: tuple(self.rollout.extra_server_args))
+    startup_timeout_s = property(lambda self: self.rollout.sglang.startup_timeout_s)
+    request_timeout_s = property(lambda self: self.rollout.sglang.request_timeout_s)
+    max_concurrent_requests = property(lambda self: self.rollout.sglang.max_concurrent_requests)
+    max_restarts = property(lambda self: self.rollout.sglang.max_restarts)
 
 
 LaunchCommand = Callable[[SGLangEngineConfig, ServerSpec], list[str]]

@@ -8,11 +8,14 @@ with one training rank and one HF engine per node.
   with the actor's; two steps and their checkpoints complete;
 - every listening socket of the ranks and engines of a node is on that node's address (the
   rendezvous on rank 0's node, gloo on each rank's own), never on 127.0.0.1;
-- the worker node's raylet killed mid-step: the driver stops within a minute with one line
-  naming the lost node; both nodes restarted with --resume auto continue from the last complete
-  checkpoint and end with the uninterrupted run's metrics.
+- the worker node's raylet killed in the middle of step 2, while its checkpoint is still
+  ``step_000002.partial``: the driver stops within a minute with one line naming the lost node;
+  both nodes restarted with --resume auto continue from step_000001 (never the partial one) and
+  end with the uninterrupted run's metrics.
 
-Slow (three two-node runs): ``make test-multinode``, which CI runs after ``make test``.
+The three two-node runs take about 4 minutes on 2 cores: they are marked ``multinode`` and run
+by ``make test-multinode`` (CI runs it after ``make test``); the quick checks of the pieces
+(placement lines, the rank environment, gloo bound to a node address) run in ``make test``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ import pytest
 from megatron_fipo.data.synthetic import SyntheticTaskConfig, prepare_synthetic
 from megatron_fipo.megatron.distributed import free_port
 from megatron_fipo.run_state import latest_checkpoint
-
-pytestmark = pytest.mark.multinode
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch/train_32b.sh"
@@ -200,12 +201,14 @@ def _sockets(root: psutil.Process) -> dict[str, dict[str, list[str]]]:
     return found
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 400) -> None:
+def _wait_for(
+    path: Path, process: subprocess.Popen, timeout: float = 400, poll_s: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, f"the head ended before {path}"
         assert time.monotonic() < deadline, f"no {path} within {timeout} s"
-        time.sleep(0.2)
+        time.sleep(poll_s)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +229,7 @@ def straight(cluster, tmp_path_factory):
     return output, log, sockets
 
 
+@pytest.mark.multinode
 def test_two_nodes_train_as_the_dry_run_planned(cluster, straight):
     output, log, _ = straight
     dry = subprocess.run(
@@ -260,6 +264,7 @@ def test_two_nodes_train_as_the_dry_run_planned(cluster, straight):
     assert latest_checkpoint(output / "run").name == f"step_{STEPS:06d}"
 
 
+@pytest.mark.multinode
 def test_each_node_uses_its_own_address_and_no_one_connects_to_loopback(straight):
     """Node k's ranks and engines listen on ADDRESSES[k] (the rendezvous store on rank 0's
     node, gloo on each rank's own), and no process of either node connects to 127.0.0.1: the
@@ -296,13 +301,15 @@ def _endpoint(address: str) -> str:
     return f"{_host(address)}:{address.rsplit(':', 1)[1]}"
 
 
+@pytest.mark.multinode
 def test_lost_worker_node_stops_the_driver_and_resume_matches(cluster, straight, tmp_path):
     output = tmp_path / "fault"
     killed: dict[str, float] = {}
 
     def kill_worker_raylet(head, worker):
-        _wait_for(output / "run/checkpoints/step_000001/COMPLETE", head)
-        time.sleep(1.0)  # into step 2
+        # Mid step 2: its checkpoint is being written (a collective of both ranks).
+        partial = output / "run/checkpoints/step_000002.partial"
+        _wait_for(partial, head, poll_s=0.02)
         raylets = [p for p in psutil.Process(worker.pid).children(recursive=True)
                    if p.name() == "raylet"]  # fmt: skip
         assert len(raylets) == 1, raylets
@@ -320,6 +327,9 @@ def test_lost_worker_node_stops_the_driver_and_resume_matches(cluster, straight,
     assert lost[0].startswith(f"fipo-train: node {ADDRESSES[1]} (NODE_RANK 1, Ray node ")
     assert "resume from step_000001 with --resume auto" in lost[0]
     assert "Traceback" not in log
+    checkpoints = output / "run/checkpoints"
+    assert (checkpoints / "step_000002.partial").is_dir()  # left as it was, never completed
+    assert not (checkpoints / "step_000002").exists()
     assert latest_checkpoint(output / "run").name == "step_000001"
 
     status, log = cluster.run(output, "--resume", "auto")
@@ -329,3 +339,74 @@ def test_lost_worker_node_stops_the_driver_and_resume_matches(cluster, straight,
     assert [r["step"] for r in resumed] == [r["step"] for r in records]
     for mine, theirs in zip(resumed, records):
         assert _stable(mine) == pytest.approx(_stable(theirs), rel=1e-6, abs=1e-9), mine["step"]
+
+
+# ---------------------------------------------------------------- quick checks (make test)
+
+
+def test_node_lines_name_ranks_and_engines_per_node():
+    from megatron_fipo.cluster.placement import node_lines, plan_by_node, plan_placement
+    from megatron_fipo.config import load_config
+
+    config = load_config(ROOT / "configs/qwen2.5-32b-fipo.yaml", ["rollout.colocate=false",
+                         "rollout.num_gpus=64", "trainer.nnodes=24"])  # fmt: skip
+    lines = node_lines(plan_by_node(plan_placement(config), 8))
+    assert lines[0] == "node 0: train ranks 0-7, engines none"
+    assert lines[16] == "node 16: train ranks none, engines 0-1"  # engine TP 4: two per node
+    assert len(lines) == 24
+    tiny = load_config(ROOT / CONFIG)
+    assert node_lines(plan_by_node(plan_placement(tiny), 1)) == [
+        "node 0: train ranks 0, engines 0",
+        "node 1: train ranks 1, engines 1",
+    ]
+
+
+def test_ranks_get_their_node_address_only_when_the_world_spans_machines():
+    from megatron_fipo.cluster.actor_group import NODE_ADDRESS_ENV, _distributed_env
+
+    two = _distributed_env(["10.0.0.1", "10.0.0.2"], "10.0.0.1", 29500, use_gpu=False)
+    assert [env[NODE_ADDRESS_ENV] for env in two] == ["10.0.0.1", "10.0.0.2"]
+    assert {env["MASTER_ADDR"] for env in two} == {"10.0.0.1"}
+    one = _distributed_env(["10.0.0.1", "10.0.0.1"], "127.0.0.1", 29500, use_gpu=False)
+    assert not any(NODE_ADDRESS_ENV in env for env in one)
+    assert {env["GLOO_SOCKET_IFNAME"] for env in one} == {"lo"}  # loopback world: on lo
+
+
+GLOO_RANK = """
+import os, subprocess, sys, datetime
+import torch, torch.distributed as dist
+from megatron_fipo.cluster.actor_group import bind_gloo_to
+from megatron_fipo.megatron.distributed import rendezvous_store
+rank, port, address = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+bind_gloo_to(address)
+store = rendezvous_store("127.0.0.2", port, rank, 2, datetime.timedelta(seconds=60))
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+group = dist.new_group([0, 1])  # a subgroup, as Megatron makes them, binds the same way
+total = torch.ones(1)
+dist.all_reduce(total, group=group)
+out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+mine = [line.split()[3] for line in out.splitlines() if f"pid={os.getpid()}," in line]
+print(int(total), " ".join(sorted({m.rsplit(":", 1)[0] for m in mine})), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_gloo_listens_on_the_node_address_it_is_bound_to():
+    """Without the binding gloo listens where the host name resolves, 127.0.0.1 on this
+    machine (/etc/hosts), whatever the node's address."""
+    port = free_port(ADDRESSES[0])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", GLOO_RANK, str(rank), str(port), address],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank, address in enumerate(ADDRESSES)
+    ]
+    outputs = [rank.communicate(timeout=120)[0].split() for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert outputs == [["2", ADDRESSES[0]], ["2", ADDRESSES[1]]]  # the store is rank 0's too

@@ -149,7 +149,11 @@ if [[ "$NODE_RANK" != 0 ]]; then
   status=0
   wait "$RAY_PID" || status=$?
   RAY_PID=""
-  echo "train_32b.sh: node $NODE_RANK left the cluster (ray start exited with status $status)" >&2
+  if ! (exec 3<>"/dev/tcp/$MASTER_ADDR/$RAY_PORT") 2>/dev/null; then
+    echo "train_32b.sh: node $NODE_RANK: the head has ended; leaving" >&2
+    exit 0
+  fi
+  echo "train_32b.sh: node $NODE_RANK left the cluster while the head runs (ray start exited with status $status)" >&2
   exit "$status"
 fi
 

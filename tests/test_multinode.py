@@ -328,6 +328,8 @@ def test_lost_worker_node_stops_the_driver_and_resume_matches(cluster, straight,
     assert lost[0].startswith(f"fipo-train: node {ADDRESSES[1]} (NODE_RANK 1, Ray node ")
     assert "resume from step_000001 with --resume auto" in lost[0]
     assert "Traceback" not in log
+    worker_log = (output / "node1.log").read_text()
+    assert "node 1 left the cluster while the head runs" in worker_log  # it exited by itself
     # Step 2 never completed its checkpoint (at most a step_000002.partial, never picked).
     assert not (output / "run/checkpoints/step_000002").exists()
     assert latest_checkpoint(output / "run").name == "step_000001"
@@ -361,9 +363,10 @@ def test_node_lines_name_ranks_and_engines_per_node():
     ]
 
 
-def test_ranks_get_their_node_address_only_when_the_world_spans_machines():
+def test_ranks_get_their_node_address_only_when_the_world_spans_machines(monkeypatch):
     from megatron_fipo.cluster.actor_group import NODE_ADDRESS_ENV, _distributed_env
 
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     two = _distributed_env(["10.0.0.1", "10.0.0.2"], "10.0.0.1", 29500, use_gpu=False)
     assert [env[NODE_ADDRESS_ENV] for env in two] == ["10.0.0.1", "10.0.0.2"]
     assert {env["MASTER_ADDR"] for env in two} == {"10.0.0.1"}

@@ -101,10 +101,13 @@ class Cluster:
         stopped: its Ray node would wait a minute for the gone head)."""
         worker = self.start(1, output, *args)
         head = self.start(0, output, *args)
-        if during is not None:
-            during(head, worker)
-        head.wait(timeout=600)
-        stop(worker)
+        try:
+            if during is not None:
+                during(head, worker)
+            head.wait(timeout=600)
+        finally:  # a failed check stops both nodes: the next run reuses the ports
+            stop(head)
+            stop(worker)
         return head.returncode, (output / "node0.log").read_text()
 
 

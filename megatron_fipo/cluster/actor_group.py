@@ -51,12 +51,13 @@ LOOPBACK = "127.0.0.1"
 RAY_SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 NODE_ADDRESS_ENV = "FIPO_NODE_ADDRESS"
 """Set for ranks of a world that spans machines: the rank's node address (gloo listens there)."""
-LOST_NODE_WAIT_S = 40.0
+LOST_NODE_WAIT_S = 35.0
 """How long a rank whose connection broke waits for Ray to declare its node dead (Ray's health
 check misses 5 beats 3 s apart: about 15 s) before it is reported as a plain worker death."""
-PEER_GRACE_S = 10.0
+PEER_GRACE_S = 20.0
 """When a rank raises, how long the other ranks get to show that one of them is gone (a peer
-whose node died breaks the collective the raising rank was in)."""
+whose node died breaks the collective the raising rank was in). With LOST_NODE_WAIT_S it keeps a
+lost node's error within a minute of the loss."""
 
 
 class WorkerError(RuntimeError):
@@ -327,13 +328,15 @@ class RayActorGroup:
         """:class:`NodeLostError` when the rank's node left the cluster, else the death itself.
 
         A lost connection to the actor (``ActorUnavailableError``) comes seconds before Ray
-        declares the node dead, so that case waits up to :data:`LOST_NODE_WAIT_S`; an actor
-        Ray already calls dead has a node whose state is known now.
+        declares the node dead, so that case waits up to :data:`LOST_NODE_WAIT_S`; for any other
+        error (an actor Ray already calls dead, a call that failed outside the worker's guard)
+        the node's state is known now.
         """
         import ray
 
         node_id = self.node_ids[rank]
-        patience = 0.0 if isinstance(error, ray.exceptions.ActorDiedError) else LOST_NODE_WAIT_S
+        unavailable = isinstance(error, ray.exceptions.ActorUnavailableError)
+        patience = LOST_NODE_WAIT_S if unavailable else 0.0
         deadline = time.monotonic() + patience
         while (state := _node_state(node_id)) is None and time.monotonic() < deadline:
             time.sleep(0.5)

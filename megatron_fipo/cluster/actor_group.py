@@ -364,7 +364,8 @@ class RayActorGroup:
 
 
 def _fetch(ref: Any) -> tuple[Any, Exception | None]:
-    """(result, None), or (None, the error) when the actor process is gone."""
+    """(result, None), or (None, the error) when Ray could not deliver the result (the actor is
+    gone, or the call failed outside the worker's guard)."""
     import ray
 
     try:
@@ -374,7 +375,7 @@ def _fetch(ref: Any) -> tuple[Any, Exception | None]:
 
 
 def _node_state(node_id: str) -> str | None:
-    """Why Ray declared the node dead ("" when it gave no reason); None while it is alive."""
+    """Why Ray declared the node dead; None while it is alive."""
     import ray
 
     for node in ray.nodes():

@@ -8,7 +8,8 @@ A run goes through three stages:
    initial checkpoint. A user mistake found here is one line on stderr and exit status 2;
 2. ``config.yaml`` is written (only now: a refused run changes nothing in the directory);
 3. Ray, the workers and the loop. SIGTERM / SIGINT end the current step, save a checkpoint and
-   exit 0 with a message; a second signal stops at once.
+   exit 0 with a message; a second signal stops at once. A node that leaves the cluster ends
+   the run with one line naming it and the checkpoint to resume from, exit status 1.
 """
 
 from __future__ import annotations
@@ -69,8 +70,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(config, quiet: bool) -> int:
+    from megatron_fipo.cluster.actor_group import NodeLostError
     from megatron_fipo.components import build_components, prepare_inputs
-    from megatron_fipo.run_state import RunLock, select_checkpoint, write_run_config
+    from megatron_fipo.run_state import (
+        RunLock,
+        latest_checkpoint,
+        select_checkpoint,
+        write_run_config,
+    )
     from megatron_fipo.trainer import Trainer
 
     output = Path(config.trainer.output_dir)
@@ -98,6 +105,12 @@ def _train(config, quiet: bool) -> int:
             trainer.fit()
         finally:
             parts.close()
+    except NodeLostError as error:
+        # The run cannot go on without the node; what a restart needs fits on one line.
+        latest = latest_checkpoint(output)
+        resume = f"resume from {latest.name}" if latest else "no complete checkpoint yet"
+        _say(f"{error}; {resume} with --resume auto once the cluster is back")
+        return 1
     finally:
         lock.release()
     if trainer.stop.requested:

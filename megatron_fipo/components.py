@@ -230,12 +230,14 @@ def build_components(
     actor classes (tests run the SGLang engine against its test double and observe the
     training ranks through subclasses)."""
     from megatron_fipo.cluster.actor_group import RayActorGroup, init_ray
-    from megatron_fipo.cluster.placement import create_placement, plan_placement
+    from megatron_fipo.cluster.placement import create_placement, node_lines, plan_placement
 
     plan = plan_placement(config)
     use_gpu = plan.use_gpu
     init_ray(num_cpus=None if use_gpu else int(config.trainer.cpus_per_node or 2))
     placement = create_placement(plan)
+    lines = node_lines(placement.by_node())
+    print("fipo-train: placement by node:", *lines, sep="\n  ", file=sys.stderr, flush=True)
     threads = {} if use_gpu else {"OMP_NUM_THREADS": str(int(config.trainer.cpus_per_node or 2))}
     # Engines first: SGLang sizes its KV cache from the memory free when it starts. Colocated,
     # they then release all of it until the first weight sync, so the training ranks build

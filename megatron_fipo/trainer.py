@@ -175,6 +175,10 @@ class Trainer:
         metrics["rollout/num_gen_batches"] = float(num_batches)
         metrics["rollout/kept_groups"] = float(len(taken))
         metrics["rollout/weights_version"] = float(self.version)
+        if generated:  # which weights the engines sampled with (all equal to the version above)
+            versions = [s.weights_version for g in generated for s in g.samples]
+            metrics["rollout/engine_weights_version_min"] = float(min(versions))
+            metrics["rollout/engine_weights_version_max"] = float(max(versions))
         return taken, metrics
 
     def train_sampling(self) -> SamplingParams:

@@ -32,6 +32,7 @@ FIPO_32B = CONFIGS / "qwen2.5-32b-fipo.yaml"
         ("qwen2.5-32b-dapo.yaml", 128, (8, 2, 2, 4), 32),
         ("qwen2.5-7b-fipo.yaml", 32, (4, 1, 2, 4), 16),
         ("tiny-cpu.yaml", 1, (1, 1, 1, 1), 1),
+        ("tiny-cpu-2node.yaml", 2, (2, 1, 1, 1), 2),
     ],
 )
 def test_shipped_configs_are_accepted(name, ranks, sizes, engines):
@@ -161,4 +162,37 @@ def test_train_32b_dry_run_without_gpus():
         text=True,
         timeout=60,
     )
-    assert no_gpu.returncode == 2 and "no GPUs visible (set GPUS_PER_NODE)" in no_gpu.stderr
+    assert no_gpu.returncode == 2 and "no GPUs visible (set GPUS_PER_NODE" in no_gpu.stderr
+    assert "GPUS_PER_NODE=0 runs CPU ranks" in no_gpu.stderr
+
+
+def test_train_32b_dry_run_of_cpu_ranks_prints_the_placement_by_node():
+    """GPUS_PER_NODE=0 selects CPU training ranks; the dry run says what each node holds, in
+    the words the driver uses once Ray has placed them (tests/test_multinode.py compares)."""
+    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "0", "PYTHON": sys.executable}
+    config = str(CONFIGS / "tiny-cpu-2node.yaml")  # an absolute --config works too
+    ok = subprocess.run(
+        ["bash", str(ROOT / "launch/train_32b.sh"), "--dry-run", "--config", config,
+         "--resume", "auto"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "cluster: 2 node(s) x 1 CPU ranks" in ok.stdout
+    assert "training ranks: 2 = TP 2 x PP 1 x CP 1 x DP 1" in ok.stdout
+    assert (
+        "placement by node:\n  node 0: train ranks 0, engines 0\n  node 1: train ranks 1, engines 1"
+        in ok.stdout
+    )
+    one_node = subprocess.run(
+        ["bash", str(ROOT / "launch/train_32b.sh"), "--dry-run", "--config", config],
+        env={**env, "NNODES": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert one_node.returncode == 1  # TP 2 needs two CPU ranks
+    assert "world size 1 must be divisible" in one_node.stderr
+
+
+def test_layout_prints_every_node_of_the_32b_recipe(capsys):
+    assert main(["--config", str(FIPO_32B), "--nnodes", "16", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "  node 0: train ranks 0-7, engines 0-1\n" in out
+    assert "  node 15: train ranks 120-127, engines 30-31\n" in out

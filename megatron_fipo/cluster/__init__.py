@@ -4,7 +4,7 @@ Ray is imported only when an actor group or placement group is created, so the l
 (``python -m megatron_fipo.cluster.layout``) works without a Ray cluster.
 """
 
-from megatron_fipo.cluster.actor_group import RayActorGroup, WorkerError, init_ray
+from megatron_fipo.cluster.actor_group import NodeLostError, RayActorGroup, WorkerError, init_ray
 from megatron_fipo.cluster.placement import (
     PlacementPlan,
     RayPlacement,
@@ -14,6 +14,7 @@ from megatron_fipo.cluster.placement import (
 )
 
 __all__ = [
+    "NodeLostError",
     "PlacementPlan",
     "RayActorGroup",
     "RayPlacement",

@@ -17,7 +17,15 @@ harmless third-party warnings (:func:`megatron_fipo.megatron.cpu_compat.filter_k
 ``run_all(name, *args)`` calls ``worker.name(*args)`` on every rank and returns the results in
 rank order; ``run_each(name, per_rank_args)`` gives each rank its own arguments. A worker that
 raises surfaces as :class:`WorkerError` with its rank and its own traceback, as soon as it
-fails (the other ranks may be blocked in a collective: call :meth:`RayActorGroup.kill`).
+fails (the other ranks may be blocked in a collective: call :meth:`RayActorGroup.kill`). When
+a rank's node leaves the cluster (its raylet died, the machine went down), the call raises
+:class:`NodeLostError` instead, one line naming the node, once Ray has declared it dead (Ray's
+health check: about 15 s); a rank whose collective broke because a peer's node went away is
+reported the same way.
+
+Ranks on several machines rendezvous on rank 0's node address, and every rank's gloo groups
+listen on its own node's address (:func:`bind_gloo_to`), not on what the host name resolves to
+(often 127.0.0.1 through /etc/hosts, which another node would then be told to connect to).
 
 On GPU, Ray restricts each actor's ``CUDA_VISIBLE_DEVICES`` to its GPU, so ``LOCAL_RANK`` (the
 device index Megatron selects) is 0 in every actor there; on CPU it is the rank's index among
@@ -29,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -40,10 +49,23 @@ NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 LOOPBACK = "127.0.0.1"
 # Ray's switch for "no multi-node cluster"; off, it keeps a loopback node address as given.
 RAY_SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+NODE_ADDRESS_ENV = "FIPO_NODE_ADDRESS"
+"""Set for ranks of a world that spans machines: the rank's node address (gloo listens there)."""
+LOST_NODE_WAIT_S = 35.0
+"""How long a rank whose connection broke waits for Ray to declare its node dead (Ray's health
+check misses 5 beats 3 s apart: about 15 s) before it is reported as a plain worker death."""
+PEER_GRACE_S = 20.0
+"""When a rank raises, how long the other ranks get to show that one of them is gone (a peer
+whose node died breaks the collective the raising rank was in). With LOST_NODE_WAIT_S it keeps a
+lost node's error within a minute of the loss."""
 
 
 class WorkerError(RuntimeError):
     """A method failed inside a worker; the message carries the rank and its traceback."""
+
+
+class NodeLostError(WorkerError):
+    """A Ray node holding ranks of a group left the cluster; the message is one line."""
 
 
 class _WorkerHost:
@@ -76,6 +98,8 @@ class _WorkerHost:
         self.rank = int(env["RANK"])
         if backend is None:
             return
+        if NODE_ADDRESS_ENV in env and "GLOO_SOCKET_IFNAME" not in os.environ:
+            bind_gloo_to(env[NODE_ADDRESS_ENV])
         import torch.distributed as dist
 
         from megatron_fipo.megatron.distributed import rendezvous_store
@@ -161,6 +185,10 @@ class RayActorGroup:
             raise ValueError(f"backend must be 'gloo', 'nccl' or None, got {backend!r}")
 
         self.num_workers, self.name = num_workers, name
+        self.nodes: dict[str, dict[str, Any]] = {}
+        """``ray.nodes()`` entries by node id, as they were when the group started."""
+        self.node_ids: list[str] = []
+        """The Ray node of each rank."""
         self.actors = [self._start(slot, placement_group, env or {}) for slot in slots]
         try:
             self._initialise(
@@ -183,8 +211,9 @@ class RayActorGroup:
         import ray
 
         # The address Ray registered for each actor's node (what the other nodes can reach).
-        node_address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
-        addresses = [node_address[n] for n in ray.get([a.node_id.remote() for a in self.actors])]
+        self.nodes = {node["NodeID"]: node for node in ray.nodes()}
+        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        addresses = [self.nodes[n]["NodeManagerAddress"] for n in self.node_ids]
         master = rendezvous_address(addresses)
         port = (
             None if backend is None else ray.get(self.actors[0].reserve_rendezvous.remote(master))
@@ -261,26 +290,63 @@ class RayActorGroup:
         return self._gather([ref], method, ranks=[rank])[0]
 
     def _gather(self, refs: list, method: str, ranks: Sequence[int] | None = None) -> list[Any]:
-        """Results in order; raises on the first failure, without waiting for the other ranks."""
+        """Results in order; raises on the first failure, without waiting for the other ranks
+        (but see :data:`PEER_GRACE_S`)."""
         import ray
 
-        ranks = range(len(refs)) if ranks is None else ranks
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
         index_of = {ref: index for index, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             index = index_of[done[0]]
-            try:
-                value = ray.get(done[0])
-            except ray.exceptions.RayError as error:  # the actor process itself died
-                raise WorkerError(
-                    f"{self.name} rank {ranks[index]} died during {method}: {error}"
-                ) from None
+            value, gone = _fetch(done[0])
+            if gone is not None:  # the actor process itself is gone
+                raise self._actor_gone(ranks[index], method, gone)
             if isinstance(value, _Failure):
-                raise value.error()
+                raise self._failure(value, pending, [ranks[index_of[r]] for r in pending], method)
             results[index] = value
         return [results[index] for index in range(len(refs))]
+
+    def _failure(
+        self, failure: _Failure, pending: list, pending_ranks: list[int], method: str
+    ) -> WorkerError:
+        """The error for a rank that raised: its own, unless another rank turns out gone within
+        :data:`PEER_GRACE_S` (a collective breaks when a peer's node dies)."""
+        import ray
+
+        if pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=PEER_GRACE_S)
+            for ref in done:
+                _, gone = _fetch(ref)
+                if gone is not None:
+                    return self._actor_gone(pending_ranks[pending.index(ref)], method, gone)
+        return failure.error()
+
+    def _actor_gone(self, rank: int, method: str, error: Exception) -> WorkerError:
+        """:class:`NodeLostError` when the rank's node left the cluster, else the death itself.
+
+        A lost connection to the actor (``ActorUnavailableError``) comes seconds before Ray
+        declares the node dead, so that case waits up to :data:`LOST_NODE_WAIT_S`; for any other
+        error (an actor Ray already calls dead, a call that failed outside the worker's guard)
+        the node's state is known now.
+        """
+        import ray
+
+        node_id = self.node_ids[rank]
+        unavailable = isinstance(error, ray.exceptions.ActorUnavailableError)
+        patience = LOST_NODE_WAIT_S if unavailable else 0.0
+        deadline = time.monotonic() + patience
+        while (state := _node_state(node_id)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if state is None:
+            return WorkerError(f"{self.name} rank {rank} died during {method}: {error}")
+        on_it = [r for r, n in enumerate(self.node_ids) if n == node_id]
+        return NodeLostError(
+            f"{describe_node(self.nodes[node_id])} left the cluster during {method} ({state}); "
+            f"{self.name} rank(s) {', '.join(map(str, on_it))} ran there"
+        )
 
     def kill(self) -> None:
         """End every actor now (a failed collective leaves the others blocked)."""
@@ -295,6 +361,62 @@ class RayActorGroup:
 
         ray.get([actor.shutdown.remote() for actor in self.actors])
         self.kill()
+
+
+def _fetch(ref: Any) -> tuple[Any, Exception | None]:
+    """(result, None), or (None, the error) when Ray could not deliver the result (the actor is
+    gone, or the call failed outside the worker's guard)."""
+    import ray
+
+    try:
+        return ray.get(ref), None
+    except ray.exceptions.RayError as error:
+        return None, error
+
+
+def _node_state(node_id: str) -> str | None:
+    """Why Ray declared the node dead; None while it is alive."""
+    import ray
+
+    for node in ray.nodes():
+        if node["NodeID"] == node_id and not node["Alive"]:
+            return node.get("DeathReasonMessage") or "declared dead by Ray"
+    return None
+
+
+def describe_node(node: dict[str, Any]) -> str:
+    """``node 10.0.0.2 (NODE_RANK 1, Ray node <id>)`` from a ``ray.nodes()`` entry."""
+    from megatron_fipo.cluster.placement import node_rank_of
+
+    rank = node_rank_of(node.get("Resources") or {})
+    named = f"NODE_RANK {rank}, " if rank is not None else ""
+    return f"node {node['NodeManagerAddress']} ({named}Ray node {node['NodeID']})"
+
+
+def bind_gloo_to(address: str) -> None:
+    """Every gloo process group this process makes from now on listens on ``address``.
+
+    torch gives a gloo group the device of ``GLOO_SOCKET_IFNAME`` or, unset, of the address the
+    host name resolves to, which /etc/hosts often maps to 127.0.0.1: the other nodes would be
+    told to connect to that. torch takes another device only through the options of
+    ``ProcessGroupGloo``, so the class its group factory calls is replaced by one that passes a
+    device on ``address`` (the node's Ray address, which the other nodes reach).
+    """
+    from torch.distributed import distributed_c10d
+
+    current = distributed_c10d.ProcessGroupGloo
+    torch_gloo = getattr(current, "torch_class", current)  # bound before: start from torch's
+
+    class NodeBoundGloo(torch_gloo):
+        torch_class = torch_gloo
+
+        def __init__(self, store, rank, size, timeout=datetime.timedelta(minutes=30)):
+            options = torch_gloo._Options()
+            options._devices = [torch_gloo.create_device(hostname=address)]
+            options._timeout = timeout
+            super().__init__(store, rank, size, options)
+
+    distributed_c10d.ProcessGroupGloo = NodeBoundGloo
 
 
 def rendezvous_address(node_addresses: Sequence[str]) -> str:
@@ -326,9 +448,11 @@ def _distributed_env(
             from megatron_fipo.megatron.distributed import one_machine_network_env
 
             shared.update(one_machine_network_env())
+    spans_machines = port is not None and master != LOOPBACK
     return [
         {
             **shared,
+            **({NODE_ADDRESS_ENV: address} if spans_machines else {}),
             "RANK": str(rank),
             "WORLD_SIZE": str(len(addresses)),
             # Ray narrows CUDA_VISIBLE_DEVICES to the actor's own GPU: device 0 in each actor.

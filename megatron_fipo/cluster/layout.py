@@ -252,6 +252,22 @@ def _placement_lines(p: Placement) -> list[str]:
     return lines
 
 
+def _node_lines(config: FipoConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """What each node will hold: the lines the driver prints again with the nodes' addresses
+    once Ray has placed the bundles (nodes filled in order, NODE_RANK 0 first)."""
+    from megatron_fipo.cluster.placement import node_lines, plan_by_node, plan_placement
+
+    trainer = config.trainer
+    nodes = plan_by_node(
+        plan_placement(config), trainer.gpus_per_node or trainer.cpu_ranks_per_node
+    )
+    summary = [
+        {"node": n.index, "train_ranks": list(n.train_ranks), "engines": list(n.engines)}
+        for n in nodes
+    ]
+    return ["placement by node:", *(f"  {line}" for line in node_lines(nodes))], summary
+
+
 def _memory_lines(config: FipoConfig, m: MemoryEstimate, p: Placement, gpu_gib: float) -> list[str]:
     par, model = config.parallelism, config.model
     shards = p.data_parallel * p.context_parallel if par.use_distributed_optimizer else 1
@@ -290,6 +306,8 @@ def describe(config: FipoConfig, gpu_memory_gib: float = 80.0) -> tuple[str, dic
     kind = "GPUs" if placement.gpus_per_node else "CPU ranks"
     lines = [f"cluster: {placement.nnodes} node(s) x {per_node} {kind}"]
     lines += _placement_lines(placement)
+    node_text, summary["nodes"] = _node_lines(config)
+    lines += node_text
     arch = architecture_of(config)
     if arch is None:
         lines.append(

@@ -11,12 +11,16 @@ rollout engines use:
 
 Engines span ``rollout.engine_tensor_parallel_size`` consecutive bundles (one node, since
 ``gpus_per_node`` is a multiple of it). :func:`create_placement` reserves the bundles as a Ray
-placement group and orders them by node, so consecutive ranks (a TP group) share a node.
+placement group and orders them by node, so consecutive ranks (a TP group) share a node. Nodes
+go in ``NODE_RANK`` order when they carry the resource ``launch/train_32b.sh`` gives each
+(``fipo_node_rank_<k>``). :func:`plan_by_node` (the dry run) and
+:meth:`RayPlacement.by_node` (the driver) say what each node holds, in the same words
+(:func:`node_lines`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_fipo.config import FipoConfig
@@ -24,6 +28,8 @@ from megatron_fipo.config import FipoConfig
 # Fractions of a bundle when training and rollout share it; they sum to 1 so Ray admits both.
 COLOCATED_TRAIN_FRACTION = 0.5
 COLOCATED_ENGINE_FRACTION = 0.5
+NODE_RANK_RESOURCE = "fipo_node_rank_"
+"""Prefix of the Ray resource ``launch/train_32b.sh`` gives node ``k``: ``fipo_node_rank_<k>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,70 @@ def plan_placement(config: FipoConfig, cpus_per_gpu: float = 4.0) -> PlacementPl
 
 
 @dataclass(frozen=True, slots=True)
+class NodeShare:
+    """What one node holds: training ranks and engines (by the engine's first bundle)."""
+
+    index: int
+    """NODE_RANK (or, for nodes without one, the node's position in the placement)."""
+    train_ranks: tuple[int, ...]
+    engines: tuple[int, ...]
+    address: str = ""
+    """The node's address as Ray knows it ("" in the dry run)."""
+    node_id: str = ""
+    """Ray's node id ("" in the dry run)."""
+
+
+def _shares(plan: PlacementPlan, node_of_bundle: list[int]) -> dict[int, tuple[list, list]]:
+    """{node: (train ranks, engines)} from the node of each plan bundle."""
+    shares: dict[int, tuple[list, list]] = {}
+    for rank, bundle in enumerate(plan.train_bundles):
+        shares.setdefault(node_of_bundle[bundle], ([], []))[0].append(rank)
+    for engine, bundles in enumerate(plan.engine_bundles):
+        shares.setdefault(node_of_bundle[bundles[0]], ([], []))[1].append(engine)
+    return shares
+
+
+def plan_by_node(plan: PlacementPlan, slots_per_node: int) -> list[NodeShare]:
+    """The dry run's placement: nodes filled in order, ``slots_per_node`` bundles each."""
+    shares = _shares(plan, [b // slots_per_node for b in range(plan.num_bundles)])
+    return [NodeShare(n, tuple(t), tuple(e)) for n, (t, e) in sorted(shares.items())]
+
+
+def node_lines(nodes: list[NodeShare]) -> list[str]:
+    """One line per node, e.g. ``node 1 (10.0.0.2, Ray node 3f2a...): train ranks 8-15,
+    engines 2-3`` (the dry run prints the same without the parenthesis)."""
+    lines = []
+    for node in nodes:
+        where = f" ({node.address}, Ray node {node.node_id})" if node.node_id else ""
+        lines.append(
+            f"node {node.index}{where}: train ranks {_ranges(node.train_ranks)}, "
+            f"engines {_ranges(node.engines)}"
+        )
+    return lines
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``; ``()`` -> ``"none"``."""
+    if not values:
+        return "none"
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def node_rank_of(resources: dict[str, float]) -> int | None:
+    """The NODE_RANK a node was started with (its ``fipo_node_rank_<k>`` resource), if any."""
+    for name in resources:
+        if name.startswith(NODE_RANK_RESOURCE):
+            return int(name[len(NODE_RANK_RESOURCE) :])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerSlot:
     """Where one Ray actor goes and what it asks for."""
 
@@ -101,6 +171,27 @@ class RayPlacement:
     """``bundle_order[i]`` is the Ray bundle index of the plan's bundle ``i``."""
     bundle_gpu: dict[int, int]
     """Node-local GPU id of each Ray bundle (empty on CPU)."""
+    bundle_node: dict[int, str] = field(default_factory=dict)
+    """Ray node id of each Ray bundle."""
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    """``ray.nodes()`` entries of the nodes holding bundles, in placement order."""
+
+    def by_node(self) -> list[NodeShare]:
+        """What each node holds; nodes named by NODE_RANK when every one carries it."""
+        position = {node["NodeID"]: i for i, node in enumerate(self.nodes)}
+        node_of_bundle = [position[self.bundle_node[b]] for b in self.bundle_order]
+        ranks = [node_rank_of(node["Resources"]) for node in self.nodes]
+        named = None not in ranks and len(set(ranks)) == len(ranks)
+        out = []
+        for i, (train, engines) in sorted(_shares(self.plan, node_of_bundle).items()):
+            node = self.nodes[i]
+            index = ranks[i] if named else i
+            out.append(
+                NodeShare(
+                    index, tuple(train), tuple(engines), node["NodeManagerAddress"], node["NodeID"]
+                )
+            )
+        return out
 
     def train_slots(self) -> list[WorkerSlot]:
         """One slot per training rank, in rank order."""
@@ -167,6 +258,17 @@ def create_placement(plan: PlacementPlan, timeout_s: float = 120.0) -> RayPlacem
         gpus = {b: gpu for b, (_, gpu) in enumerate(located)}
     else:
         nodes, gpus = placement_group_table(group)["bundles_to_node_id"], {}
-    node_rank = {node: i for i, node in enumerate(dict.fromkeys(nodes[b] for b in sorted(nodes)))}
+    info = {node["NodeID"]: node for node in ray.nodes()}
+    used = list(dict.fromkeys(nodes[b] for b in sorted(nodes)))  # by first bundle
+    ranks = {n: node_rank_of(info[n]["Resources"]) for n in used}
+    used.sort(key=lambda n: (ranks[n] is None, ranks[n] or 0))  # NODE_RANK order, unranked last
+    node_rank = {node: i for i, node in enumerate(used)}
     order = sorted(range(plan.num_bundles), key=lambda b: (node_rank[nodes[b]], gpus.get(b, b)))
-    return RayPlacement(placement_group=group, plan=plan, bundle_order=order, bundle_gpu=gpus)
+    return RayPlacement(
+        placement_group=group,
+        plan=plan,
+        bundle_order=order,
+        bundle_gpu=gpus,
+        bundle_node=dict(nodes),
+        nodes=[info[n] for n in used],
+    )

@@ -196,3 +196,23 @@ def test_layout_prints_every_node_of_the_32b_recipe(capsys):
     out = capsys.readouterr().out
     assert "  node 0: train ranks 0-7, engines 0-1\n" in out
     assert "  node 15: train ranks 120-127, engines 30-31\n" in out
+
+
+def test_dry_run_models_the_colocated_lifecycle():
+    """Per phase of a colocated step: the engine's pool while generating, Megatron's training
+    footprint while the engine is released, weights and a bucket while syncing; offloading
+    Adam state and gradients shrinks the generate phase by exactly their size; without a
+    release both budgets would add up."""
+    config = load_config(FIPO_32B)
+    report, summary = describe(config)
+    phases = summary["lifecycle_gib"]
+    memory = summary["memory_gib"]
+    pool = config.rollout.mem_fraction_static * 80
+    assert phases["train"] == pytest.approx(memory["training_total"])
+    assert phases["no_release"] == pytest.approx(memory["training_total"] + pool)
+    assert max(phases["generate"], phases["train"], phases["sync"]) < phases["no_release"]
+    peak = max(("generate", "train", "sync"), key=phases.__getitem__)
+    assert f"{peak:<10} {phases[peak]:8.2f} GiB  <- peak" in report
+    _, offloaded = describe(load_config(FIPO_32B, ["optimizer.offload_during_rollout=true"]))
+    saved = phases["generate"] - offloaded["lifecycle_gib"]["generate"]
+    assert saved == pytest.approx(memory["gradients"] + memory["optimizer"])

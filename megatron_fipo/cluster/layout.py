@@ -241,8 +241,8 @@ def _placement_lines(p: Placement) -> list[str]:
     if p.colocate:
         lines.append(
             f"placement: colocated, one bundle per {slot} ({p.nnodes} x {per_node}); each {slot} "
-            "holds a training rank and its share of an engine, which releases its memory while "
-            "the actor trains"
+            "holds a training rank and its share of an engine; the engines start first, then "
+            "release all their memory (weights, KV cache) for each training phase"
         )
     else:
         lines.append(
@@ -298,6 +298,50 @@ def _memory_lines(config: FipoConfig, m: MemoryEstimate, p: Placement, gpu_gib: 
     return lines
 
 
+def lifecycle_gib(config: FipoConfig, m: MemoryEstimate, gpu_gib: float) -> dict[str, float]:
+    """GiB on one colocated GPU in each phase of a step (``cluster/colocation.py``).
+
+    The engine's static pool (weights + KV cache) is ``mem_fraction_static`` of the GPU: it
+    starts before the training ranks allocate, so it gets that share. ``generate``: the pool, and
+    Megatron's weights (plus its Adam state and gradients unless
+    ``optimizer.offload_during_rollout``). ``train``: the engine released everything; Megatron's
+    full training footprint. ``sync``: the engine's weights resumed (not its KV cache), Megatron's
+    resident state and one weight bucket being assembled. Without releasing, the engine's pool
+    and Megatron's training footprint add up (``no_release``)."""
+    resident = m.weights
+    if not config.optimizer.offload_during_rollout:
+        resident += m.gradients + m.optimizer
+    pool = config.rollout.mem_fraction_static * gpu_gib * GIB
+    bucket = float(config.rollout.weight_sync_bucket_bytes) * 2  # the HF bucket + local shards
+    phases = {
+        "generate": resident + pool,
+        "train": m.training_total,
+        "sync": resident + m.engine_weights + bucket,
+        "no_release": m.training_total + pool,
+    }
+    return {name: value / GIB for name, value in phases.items()}
+
+
+def _lifecycle_lines(config: FipoConfig, m: MemoryEstimate, gpu_gib: float) -> list[str]:
+    phases = lifecycle_gib(config, m, gpu_gib)
+    peak = max(("generate", "train", "sync"), key=phases.__getitem__)
+    offload = "offloaded" if config.optimizer.offload_during_rollout else "kept"
+    lines = [
+        "colocated step per GPU (engines release everything for training; Adam state and "
+        f"gradients {offload} while the engines generate):"
+    ]
+    for name in ("generate", "train", "sync"):
+        mark = "  <- peak" if name == peak else ""
+        lines.append(f"  {name:<10} {phases[name]:8.2f} GiB{mark}")
+    lines.append(
+        f"  without releasing the engine's memory both budgets add up: "
+        f"{phases['no_release']:.2f} GiB"
+    )
+    if phases[peak] > gpu_gib:
+        lines.append(f"  WARNING: the {peak} phase exceeds {gpu_gib:g} GiB per GPU")
+    return lines
+
+
 def describe(config: FipoConfig, gpu_memory_gib: float = 80.0) -> tuple[str, dict[str, Any]]:
     """(printable report, JSON-able summary) of the layout; raises ConfigError when impossible."""
     placement = compute_placement(config)
@@ -326,6 +370,9 @@ def describe(config: FipoConfig, gpu_memory_gib: float = 80.0) -> tuple[str, dic
     )
     lines.append("memory per training GPU (estimate):")
     lines += _memory_lines(config, memory, placement, gpu_memory_gib)
+    if placement.colocate and placement.gpus_per_node:
+        summary["lifecycle_gib"] = lifecycle_gib(config, memory, gpu_memory_gib)
+        lines += _lifecycle_lines(config, memory, gpu_memory_gib)
     return "\n".join(lines), summary
 
 

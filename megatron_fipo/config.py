@@ -223,13 +223,23 @@ class ModelConfig(_Section):
     recompute_method: Literal["uniform", "block"] | None = None
     """How "full" recomputation groups the layers."""
     recompute_num_layers: int | None = _num(None, ge=1)
-    """Layers per recompute group ("uniform") or recomputed layers per stage ("block")."""
+    """Layers per recompute group ("uniform") or recomputed layers per stage ("block").
+    With "full" recomputation and neither set: "uniform", 1 layer per group (only each layer's
+    input is kept, the usual long-context setting)."""
+    logprob_chunk_size: int = _num(1024, ge=1)
+    """Token positions per chunk of the vocab head (log-probs, entropy): its extra memory is
+    chunk x vocab / TP fp32 values, whatever the sequence length."""
 
     def _validate(self) -> None:
         _require(
             self.hf_model_path is not None or self.architecture is not None,
             "model.hf_model_path or model.architecture must be set",
         )
+        if self.recompute_granularity == "full":
+            # Megatron refuses full recomputation without a method: one default, here.
+            self.recompute_method = self.recompute_method or "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
         if self.fp8 is not None:
             _require(
                 self.spec == "te" and self.dtype == "bfloat16",
@@ -237,10 +247,11 @@ class ModelConfig(_Section):
                 f"model.dtype='bfloat16', got {self.spec!r} and {self.dtype!r}",
             )
         _require(not self.fp8_param or self.fp8 is not None, "model.fp8_param=true needs model.fp8")
-        _require(
-            self.recompute_method is None or self.recompute_granularity == "full",
-            f"model.recompute_method={self.recompute_method!r} needs recompute_granularity='full'",
-        )
+        for name in ("recompute_method", "recompute_num_layers"):
+            _require(
+                getattr(self, name) is None or self.recompute_granularity == "full",
+                f"model.{name}={getattr(self, name)!r} needs recompute_granularity='full'",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +304,10 @@ class OptimizerConfig(_Section):
     """AdamW (Megatron's "adam", decoupled weight decay) and the learning-rate schedule."""
 
     SECTION: ClassVar[str] = "optimizer"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """"adam" (AdamW); "sgd" (plain SGD: its update is lr x the gradient, which the layout
+    equivalence checks use to compare gradients). SGD needs
+    ``parallelism.use_distributed_optimizer=false`` (Megatron's distributed optimizer is Adam)."""
     lr: float = _num(1e-6, gt=0)
     """Peak learning rate."""
     min_lr: float = _num(0.0, ge=0)
@@ -302,7 +317,8 @@ class OptimizerConfig(_Section):
     lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
     """Schedule after warm-up."""
     lr_decay_steps: int | None = _num(None, ge=1)
-    """Optimizer steps over which cosine / linear decay to min_lr (None: the whole run)."""
+    """Optimizer steps (warm-up included) over which cosine / linear decay to min_lr; required
+    by those styles (the actor cannot know the run's length), unused by "constant"."""
     weight_decay: float = _num(0.1, ge=0)
     """Decoupled weight decay."""
     adam_beta1: float = _num(0.9, ge=0, lt=1)
@@ -313,6 +329,8 @@ class OptimizerConfig(_Section):
     """Adam epsilon."""
     clip_grad: float = _num(1.0, ge=0)
     """Global gradient-norm clip (0: no clipping)."""
+    sgd_momentum: float = _num(0.0, ge=0, lt=1)
+    """Momentum of "sgd" (unused by "adam")."""
     offload_during_rollout: bool = False
     """Colocated runs: move the Adam state (and fp32 main weights) to host memory and drop the
     gradient buffers after each training phase, so the engines' KV cache can use that memory
@@ -322,6 +340,35 @@ class OptimizerConfig(_Section):
         _require(
             self.min_lr <= self.lr,
             f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})",
+        )
+        _require(
+            self.lr_decay_style == "constant" or self.lr_decay_steps is not None,
+            f"optimizer.lr_decay_style={self.lr_decay_style!r} needs optimizer.lr_decay_steps "
+            "(the number of optimizer steps to decay over)",
+        )
+        _require(
+            self.lr_decay_steps is None or self.lr_decay_steps > self.lr_warmup_steps,
+            f"optimizer.lr_decay_steps ({self.lr_decay_steps}) must exceed "
+            f"optimizer.lr_warmup_steps ({self.lr_warmup_steps})",
+        )
+
+
+def check_actor_sections(
+    model: ModelConfig, parallelism: ParallelismConfig, optimizer: OptimizerConfig | None = None
+) -> None:
+    """The rules that span the sections the Megatron actor receives. :class:`FipoConfig` checks
+    them for a run; the Megatron code, which may be given the sections alone, calls this too
+    (without ``optimizer`` when it builds a model only)."""
+    _require(
+        not parallelism.sequence_parallel or model.spec == "te",
+        "parallelism.sequence_parallel=true needs model.spec='te' (megatron-core's local "
+        "norms do not support sequence parallelism)",
+    )
+    if optimizer is not None:
+        _require(
+            optimizer.optimizer == "adam" or not parallelism.use_distributed_optimizer,
+            f"optimizer.optimizer={optimizer.optimizer!r} needs parallelism."
+            "use_distributed_optimizer=false (Megatron's distributed optimizer is Adam)",
         )
 
 
@@ -584,6 +631,7 @@ class FipoConfig:
     """Metrics sinks."""
 
     def __post_init__(self) -> None:
+        check_actor_sections(self.model, self.parallelism, self.optimizer)
         self._check_lengths()
         self._check_devices()
         evals = [f"trainer.eval_freq={self.trainer.eval_freq}"] if self.trainer.eval_freq else []
@@ -624,11 +672,6 @@ class FipoConfig:
             f"parallelism.max_tokens_per_micro_batch ({limit}) must hold one full sequence: "
             f"rollout.max_prompt_length + max_response_length = {total}, padded to {padded} "
             f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size)",
-        )
-        _require(
-            not par.sequence_parallel or self.model.spec == "te",
-            "parallelism.sequence_parallel=true needs model.spec='te' (megatron-core's local "
-            "norms do not support sequence parallelism)",
         )
         buffer = self.algorithm.overlong_buffer
         _require(

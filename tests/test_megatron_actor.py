@@ -26,9 +26,9 @@ from megatron_fipo.megatron.check_parallel import (
     depths,
     fixed_batch,
     gathered_gradients,
+    layout,
     run_layout,
 )
-from megatron_fipo.megatron.distributed import ParallelConfig
 
 ADAM = CheckSettings(optimizer="adam", num_layers=4)
 SGD = CheckSettings(optimizer="sgd", num_layers=4)
@@ -63,7 +63,7 @@ def references(world1, tmp_path_factory):
         key = dataclasses.astuple(settings)
         if key not in cache:
             directory = str(tmp_path_factory.mktemp("init") / "ckpt")
-            result = world1.run(_layout_case, ParallelConfig(), settings, directory, True)[0]
+            result = world1.run(_layout_case, layout(), settings, directory, True)[0]
             cache[key] = (result, directory)
         return cache[key]
 
@@ -80,13 +80,13 @@ def _check(reference, result, settings):
 @pytest.mark.parametrize(
     "parallel,settings",
     [
-        (ParallelConfig(tensor_parallel=2), SGD),
-        (ParallelConfig(pipeline_parallel=2), ADAM),
-        (ParallelConfig(data_parallel=2), SGD),
-        (ParallelConfig(data_parallel=2), ADAM),
-        (ParallelConfig(tensor_parallel=2), TIED_SGD),
-        (ParallelConfig(pipeline_parallel=2), TIED_SGD),
-        (ParallelConfig(context_parallel=2), SGD),
+        (layout(tp=2), SGD),
+        (layout(pp=2), ADAM),
+        (layout(), SGD),  # DP = 2 in a world of two
+        (layout(), ADAM),
+        (layout(tp=2), TIED_SGD),
+        (layout(pp=2), TIED_SGD),
+        (layout(cp=2), SGD),
     ],
     ids=[
         "tp2-sgd",
@@ -112,14 +112,14 @@ def test_mixed_tp2_pp2_and_vpp(references):
     with WorkerWorld(4) as world4:
         mixed = world4.run(
             _layout_case,
-            ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+            layout(tp=2, pp=2),
             ADAM,
             directory,
             False,
         )[0]
         interleaved = world4.run(
             _layout_case,
-            ParallelConfig(pipeline_parallel=2, virtual_pipeline=2, data_parallel=2),
+            layout(pp=2, vpp=2),  # DP = 2 in a world of four
             ADAM,
             directory,
             False,
@@ -141,7 +141,7 @@ def test_a_dropped_token_fails_the_comparison(world2, references):
     at TP=2 (SGD, so the parameters are the gradients) fails the parameter and gradient-norm
     comparisons by a wide margin; the log-probs, computed before the step, still pass."""
     reference, directory = references(SGD)
-    tp2 = ParallelConfig(tensor_parallel=2)
+    tp2 = layout(tp=2)
     result = world2.run(_layout_case, tp2, SGD, directory, False, _drop_one_token)[0]
     named = {c.name.split(" ")[0]: c for c in compare(reference, result, SGD)}
     assert named["log_probs"].ok, named["log_probs"]
@@ -177,7 +177,7 @@ def test_rounding_noise_in_gradients_passes_under_adam(references):
     first step ``lr g / (|g| + eps)`` decided by that noise. The bound carried through Adam
     accepts it. (Exact zeros, embedding rows of absent tokens, stay zero in every layout.)"""
     reference, _ = references(ADAM)
-    _, optim = ADAM.actor_configs()
+    optim = ADAM.optimizer_section()
     adam = numerics.AdamStep(beta1=optim.adam_beta1, beta2=optim.adam_beta2, eps=optim.adam_eps)
     gen = torch.Generator().manual_seed(0)
     params = {}
@@ -203,10 +203,11 @@ def _save_after_step(rank, world_size, init_dir, save_dir, optimizer_format="dp_
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor_cfg = dataclasses.replace(actor_cfg, optimizer_checkpoint_format=optimizer_format)
     actor = MegatronActor(
-        _hf(settings), ParallelConfig(tensor_parallel=world_size), actor_cfg, optim_cfg
+        _hf(settings),
+        *settings.sections(layout(tp=world_size)),
+        seed=settings.seed,
+        optimizer_checkpoint_format=optimizer_format,
     )
     actor.load(init_dir, load_optimizer=False)
     first = actor.train_step(_batch_with_old(actor, settings)[0])
@@ -233,9 +234,8 @@ def _resume(rank, world_size, save_dir, parallel=None, load_optimizer=True):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    parallel = parallel or ParallelConfig(tensor_parallel=world_size)
-    actor = MegatronActor(_hf(settings), parallel, actor_cfg, optim_cfg)
+    parallel = parallel or layout(tp=world_size)
+    actor = MegatronActor(_hf(settings), *settings.sections(parallel), seed=settings.seed)
     actor.load(save_dir, load_optimizer=load_optimizer)
     steps = actor.num_steps
     return steps, _second_step(actor, settings)
@@ -245,8 +245,7 @@ def _load_weights(rank, world_size, save_dir):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(_hf(settings), ParallelConfig(), actor_cfg, optim_cfg)
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
     actor.load(save_dir, load_optimizer=False)
     return actor.compute_log_probs(fixed_batch(settings))
 
@@ -303,7 +302,7 @@ def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, refere
     _, init_dir = references(ADAM)
     save_dir = str(tmp_path / "actor")
     saved = world2.run(_save_after_step, init_dir, save_dir, "fully_reshardable")[0]
-    pp2 = ParallelConfig(pipeline_parallel=2)
+    pp2 = layout(pp=2)
     _check_resumed(saved, *world2.run(_resume, save_dir, pp2)[0])
     # Without the moments (weights only) the same step lands elsewhere: the check can fail.
     _, fresh = world2.run(_resume, save_dir, pp2, load_optimizer=False)[0]
@@ -317,33 +316,33 @@ def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, refere
 
 
 @pytest.mark.parametrize(
-    "parallel",
+    "parallel,world_size",
     [
-        ParallelConfig(),
-        ParallelConfig(pipeline_parallel=2),
-        ParallelConfig(context_parallel=2),
-        ParallelConfig(tensor_parallel=2),
-        ParallelConfig(data_parallel=2),
+        (layout(), 1),
+        (layout(pp=2), 2),
+        (layout(cp=2), 2),
+        (layout(tp=2), 2),
+        (layout(), 2),
     ],
     ids=["single", "pp2-variable-shapes", "cp2", "tp2", "dp2"],
 )
-def test_dynamic_batching_matches_fixed_micro_batches(world1, world2, references, parallel):
+def test_dynamic_batching_matches_fixed_micro_batches(
+    world1, world2, references, parallel, world_size
+):
     """Token-budget micro-batches (sorted, each padded to its own longest row) give the same
     log-probs, loss, gradient norm and updated weights as fixed two-row micro-batches."""
     reference, directory = references(ADAM)
-    world = (
-        world1 if parallel.model_parallel_size == 1 and parallel.data_parallel is None else world2
-    )
+    world = world1 if world_size == 1 else world2
     _check(reference, world.run(_layout_case, parallel, DYNAMIC, directory, False)[0], DYNAMIC)
 
 
 def test_dynamic_batching_plan():
     """Every row exactly once, longest first, within the budget; a row over it is named."""
-    from megatron_fipo.megatron.actor import ActorConfig, plan_micro_batches
+    from megatron_fipo.megatron.actor import plan_micro_batches
 
-    config = ActorConfig(max_tokens_per_micro_batch=48)
+    config = layout(cp=2, max_tokens_per_micro_batch=48)
     lengths = torch.tensor([5, 30, 9, 17, 3, 12, 44, 8])
-    plan = plan_micro_batches(lengths, config, cp=2, tp=1)
+    plan = plan_micro_batches(lengths, config)
     rows = torch.cat([r for r, _ in plan])
     assert sorted(rows.tolist()) == list(range(8))
     assert lengths[rows].tolist() == sorted(lengths.tolist(), reverse=True)
@@ -351,8 +350,8 @@ def test_dynamic_batching_plan():
         assert common % 4 == 0 and common >= int(lengths[group].max())
         assert len(group) * common <= 48
     assert [len(g) for g, _ in plan] == [1, 1, 2, 4]  # 44 | 30 | 17+12 | 9+8+5+3
-    with pytest.raises(ValueError, match="exceeds max_tokens_per_micro_batch=48"):
-        plan_micro_batches(torch.tensor([10, 49]), config, cp=2, tp=1)  # 49 pads to 52 for CP = 2
+    with pytest.raises(ValueError, match="exceeds parallelism.max_tokens_per_micro_batch=48"):
+        plan_micro_batches(torch.tensor([10, 49]), config)  # 49 pads to 52 for CP = 2
 
 
 def _entropy_bonus_case(rank, world_size, coeff):
@@ -360,8 +359,7 @@ def _entropy_bonus_case(rank, world_size, coeff):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(_hf(settings), ParallelConfig(), actor_cfg, optim_cfg)
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
     batch = _batch_with_old(actor, settings)[0]
     batch.loss_config = PolicyLossConfig(entropy_coeff=coeff)
     metrics = actor.train_step(batch)
@@ -385,3 +383,33 @@ def test_entropy_bonus_enters_the_loss(world1):
     assert abs(bonus["actor/entropy_mean"] - plain["actor/entropy_mean"]) <= same_entropy
     changed = numerics.compare_tensors("log_probs", after_bonus, after_plain, forward_depth)
     assert not changed.ok, changed
+
+
+def _train_worker_sections(rank, world_size):
+    from pathlib import Path
+
+    from megatron_fipo.cluster.workers import TrainWorker
+    from megatron_fipo.config import load_config
+    from megatron_fipo.megatron.distributed import destroy
+
+    tiny = Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"
+    overrides = ["model.hf_model_path=null", "model.logprob_chunk_size=8"]
+    overrides += ["optimizer.lr_decay_style=cosine", "optimizer.lr_decay_steps=7"]
+    config = load_config(tiny, overrides)
+    actor = TrainWorker(config).actor
+    try:
+        return (
+            actor.model_config is config.model,
+            actor.parallelism is config.parallelism,
+            actor.optimizer_config is config.optimizer,
+            actor.scheduler.lr_decay_steps,
+            actor.temperature == config.rollout.temperature,
+        )
+    finally:
+        destroy()
+
+
+def test_the_training_rank_hands_the_actor_its_config_sections(world1):
+    """One config layer: the actor holds the run config's sections themselves (no field-by-field
+    copy with defaults of its own); the optimizer's decay horizon reaches the scheduler."""
+    assert world1.run(_train_worker_sections)[0] == (True, True, True, 7, True)

@@ -113,9 +113,10 @@ def test_leading_shape_and_bad_input():
 
 
 def _tp_case(rank, world_size, chunk_size, temperature, vocab_size):
-    from megatron_fipo.megatron.distributed import ParallelConfig, destroy, init_distributed
+    from megatron_fipo.megatron.check_parallel import layout
+    from megatron_fipo.megatron.distributed import destroy, init_distributed
 
-    init_distributed(ParallelConfig(tensor_parallel=world_size))
+    init_distributed(layout(tp=world_size))
     try:
         hidden, weight, targets, grad_lp, grad_ent = _inputs(seed=3, dtype=torch.float32)
         local = VOCAB // world_size

@@ -37,119 +37,16 @@ import torch.distributed as dist
 from megatron_fipo.algorithms import metrics as metric_utils
 from megatron_fipo.algorithms.losses import PolicyLossConfig, compute_policy_loss
 from megatron_fipo.batch import ActorBatch
+from megatron_fipo.config import (
+    ModelConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    check_actor_sections,
+)
 from megatron_fipo.megatron import checkpoint, context_parallel
 from megatron_fipo.megatron import model as model_lib
-from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
-from megatron_fipo.megatron.logprobs import DEFAULT_CHUNK_SIZE, chunked_log_probs
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(kw_only=True, slots=True)
-class ActorConfig:
-    """Model-side knobs of the actor (the HF config gives the architecture)."""
-
-    dtype: str = "float32"
-    """Parameter / compute dtype: float32 (CPU), bfloat16 (GPU)."""
-    spec: str = "local"
-    """Layer spec: ``local`` (Megatron-core modules, CPU ok) or ``te`` (TransformerEngine)."""
-    fp8: str | None = None
-    """FP8 format with the TE spec: None, ``e4m3`` or ``hybrid``."""
-    fp8_recipe: str = "delayed"
-    """FP8 recipe: delayed / tensorwise / blockwise / mxfp8."""
-    fp8_param: bool = False
-    """Keep the TE weights themselves in FP8 (needs ``fp8``)."""
-    micro_batch_size: int = 1
-    """Sequences per micro-batch (when ``max_tokens_per_micro_batch`` is None); every row is
-    padded to the batch's longest sequence."""
-    max_tokens_per_micro_batch: int | None = None
-    """Dynamic batching: sequences sorted by length are grouped into micro-batches of at most
-    this many padded tokens (rows x the group's longest sequence), so short responses are not
-    padded to the longest one of the batch. Must hold the longest sequence."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state over DP (Megatron's distributed optimizer)."""
-    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Token positions per log-prob chunk: extra memory is chunk x vocab / TP floats."""
-    temperature: float = 1.0
-    """Sampling temperature the rollout used; logits are divided by it."""
-    recompute_granularity: str | None = None
-    """Activation recomputation: None, ``full`` or ``selective``."""
-    recompute_method: str | None = None
-    """With ``full``: ``uniform`` (default) or ``block``."""
-    recompute_num_layers: int | None = None
-    """With ``full``: layers per recompute group (``uniform``, default 1) or recomputed layers
-    per pipeline stage (``block``)."""
-    seed: int = 1234
-    """Seed of the weight initialisation and Megatron's RNG tracker."""
-    optimizer_checkpoint_format: str = "dp_reshardable"
-    """How :meth:`MegatronActor.save` writes the distributed optimizer's state:
-    ``dp_reshardable`` (fast, no communication; resumes under the same TP / PP) or
-    ``fully_reshardable`` (gathered per DP group; resumes under any TP / PP / DP)."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.fp8_param and self.fp8 is None:
-            raise ValueError("fp8_param=True needs fp8 ('e4m3' or 'hybrid')")
-        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
-            raise ValueError(
-                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}"
-            )
-        if self.optimizer_checkpoint_format not in checkpoint.OPTIMIZER_FORMATS:
-            raise ValueError(
-                f"optimizer_checkpoint_format must be one of {checkpoint.OPTIMIZER_FORMATS}, "
-                f"got {self.optimizer_checkpoint_format!r}"
-            )
-        if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(
-                "recompute_granularity must be None, 'full' or 'selective', got "
-                f"{self.recompute_granularity!r}"
-            )
-        if self.recompute_granularity == "full":
-            # Megatron refuses full recomputation without a method; one layer per group
-            # keeps only each layer's input (the usual long-context setting).
-            self.recompute_method = self.recompute_method or "uniform"
-            if self.recompute_num_layers is None:
-                self.recompute_num_layers = 1
-        elif self.recompute_method is not None or self.recompute_num_layers is not None:
-            raise ValueError(
-                "recompute_method / recompute_num_layers need recompute_granularity='full'"
-            )
-
-
-@dataclass(kw_only=True, slots=True)
-class ActorOptimizerConfig:
-    """Optimizer and LR schedule (field names match the config file's ``optimizer`` section)."""
-
-    optimizer: str = "adam"
-    """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 10
-    """Linear warm-up from 0 over this many optimizer steps."""
-    lr_decay_style: str = "constant"
-    """constant / cosine / linear after warm-up."""
-    lr_decay_steps: int | None = None
-    """Decay horizon in optimizer steps (None: warm-up + 1, i.e. constant after warm-up)."""
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    sgd_momentum: float = 0.0
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.lr_decay_style not in ("constant", "cosine", "linear"):
-            raise ValueError(
-                f"lr_decay_style must be constant/cosine/linear, got {self.lr_decay_style!r}"
-            )
+from megatron_fipo.megatron.distributed import init_distributed
+from megatron_fipo.megatron.logprobs import chunked_log_probs
 
 
 @dataclass(kw_only=True, slots=True)
@@ -186,35 +83,44 @@ class MegatronActor:
     def __init__(
         self,
         hf_config: Any,
-        parallel: ParallelConfig,
-        actor: ActorConfig | None = None,
-        optimizer: ActorOptimizerConfig | None = None,
+        model: ModelConfig,
+        parallelism: ParallelismConfig,
+        optimizer: OptimizerConfig | None = None,
         loss: PolicyLossConfig | None = None,
+        *,
+        temperature: float = 1.0,
+        seed: int = 42,
+        optimizer_checkpoint_format: str = "dp_reshardable",
     ) -> None:
+        """``hf_config``: the architecture that runs (the checkpoint's config.json, or the
+        inline ``model.architecture``); ``model`` / ``parallelism`` / ``optimizer``: those
+        sections of the run config, as they are; ``loss``: the algorithm section's policy loss.
+        ``temperature``: the rollout's sampling temperature (logits are divided by it);
+        ``seed``: weight init and Megatron's RNG; ``optimizer_checkpoint_format``: how
+        :meth:`save` writes the distributed optimizer's state (``trainer`` section)."""
+        self.optimizer_config = optimizer or OptimizerConfig()
+        check_actor_sections(model, parallelism, self.optimizer_config)
+        if optimizer_checkpoint_format not in checkpoint.OPTIMIZER_FORMATS:
+            raise ValueError(
+                f"optimizer_checkpoint_format must be one of {checkpoint.OPTIMIZER_FORMATS}, "
+                f"got {optimizer_checkpoint_format!r}"
+            )
         self.hf_config = hf_config
-        self.parallel = parallel
-        self.config = actor or ActorConfig()
-        self.optim_config = optimizer or ActorOptimizerConfig()
+        self.model_config = model
+        self.parallelism = parallelism
         self.loss_config = loss or PolicyLossConfig()
+        self.temperature = temperature
+        self.optimizer_checkpoint_format = optimizer_checkpoint_format
         self.vocab_size = int(model_lib.hf_value(hf_config, "vocab_size"))
-        self.data_parallel_size = init_distributed(parallel, seed=self.config.seed)
+        self.data_parallel_size = init_distributed(parallelism, seed=seed)
         self.transformer_config = model_lib.transformer_config_from_hf(
             hf_config,
-            parallel,
-            dtype=_DTYPES[self.config.dtype],
-            spec=self.config.spec,
-            fp8=self.config.fp8,
-            fp8_recipe=self.config.fp8_recipe,
-            fp8_param=self.config.fp8_param,
-            recompute_granularity=self.config.recompute_granularity,
-            recompute_method=self.config.recompute_method,
-            recompute_num_layers=self.config.recompute_num_layers,
+            model,
+            parallelism,
             calculate_per_token_loss=True,
-            **_variable_shapes(self.config, parallel),
+            **_variable_shapes(parallelism),
         )
-        chunks = model_lib.build_model_chunks(
-            hf_config, self.transformer_config, spec=self.config.spec
-        )
+        chunks = model_lib.build_model_chunks(hf_config, self.transformer_config, spec=model.spec)
         self.model = self._wrap(chunks)
         self.transformer_config.finalize_model_grads_func = _finalize_grads
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -235,7 +141,7 @@ class MegatronActor:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=self.config.use_distributed_optimizer,
+            use_distributed_optimizer=self.parallelism.use_distributed_optimizer,
         )
         wrapped = []
         for index, chunk in enumerate(chunks):
@@ -249,16 +155,13 @@ class MegatronActor:
         return wrapped
 
     def _build_optimizer(self):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        cfg = self.optim_config
-        if cfg.optimizer == "sgd" and self.config.use_distributed_optimizer:
-            raise ValueError(
-                "optimizer='sgd' needs use_distributed_optimizer=False (Megatron's is Adam only)"
-            )
+        cfg = self.optimizer_config
         optimizer = get_megatron_optimizer(
-            OptimizerConfig(
+            MegatronOptimizerConfig(
                 optimizer=cfg.optimizer,
                 lr=cfg.lr,
                 min_lr=cfg.min_lr,
@@ -271,10 +174,12 @@ class MegatronActor:
                 bf16=self.transformer_config.bf16,
                 fp16=self.transformer_config.fp16,
                 params_dtype=self.transformer_config.params_dtype,
-                use_distributed_optimizer=self.config.use_distributed_optimizer,
+                use_distributed_optimizer=self.parallelism.use_distributed_optimizer,
             ),
             self.model,
         )
+        # "constant" needs no horizon (OptimizerConfig requires one for the decaying styles);
+        # Megatron's scheduler wants one past the warm-up all the same.
         decay_steps = cfg.lr_decay_steps or cfg.lr_warmup_steps + 1
         scheduler = OptimizerParamScheduler(
             optimizer,
@@ -282,7 +187,7 @@ class MegatronActor:
             max_lr=cfg.lr,
             min_lr=cfg.min_lr,
             lr_warmup_steps=cfg.lr_warmup_steps,
-            lr_decay_steps=max(decay_steps, cfg.lr_warmup_steps + 1),
+            lr_decay_steps=decay_steps,
             lr_decay_style=cfg.lr_decay_style,
             start_wd=cfg.weight_decay,
             end_wd=cfg.weight_decay,
@@ -298,21 +203,16 @@ class MegatronActor:
 
         cp_group = (
             parallel_state.get_context_parallel_group()
-            if self.parallel.context_parallel > 1
+            if self.parallelism.context_parallel_size > 1
             else None
         )
         cp_rank = parallel_state.get_context_parallel_rank()
-        dynamic = self.config.max_tokens_per_micro_batch is not None
+        dynamic = self.parallelism.max_tokens_per_micro_batch is not None
         padded = _pad_batch(
-            batch, 1 if dynamic else self.config.micro_batch_size, with_training_data
+            batch, 1 if dynamic else self.parallelism.micro_batch_size, with_training_data
         )
         micro_batches = []
-        plan = plan_micro_batches(
-            padded["lengths"],
-            self.config,
-            self.parallel.context_parallel,
-            self.parallel.tensor_parallel,
-        )
+        plan = plan_micro_batches(padded["lengths"], self.parallelism)
         for rows, common in plan:
             micro = self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
             micro_batches.append(micro)
@@ -326,7 +226,7 @@ class MegatronActor:
         layout = context_parallel.SequenceLayout(
             lengths=tuple(lengths.tolist()),
             padded_lengths=(common,) * len(lengths),
-            cp_size=self.parallel.context_parallel,
+            cp_size=self.parallelism.context_parallel_size,
             cp_rank=cp_rank,
             packed=False,
         )
@@ -344,7 +244,7 @@ class MegatronActor:
             tokens=cp_batch.tokens.to(device),
             position_ids=cp_batch.position_ids.to(device),
             attention_mask=model_lib.causal_attention_mask(local_length, device)
-            if self.parallel.context_parallel == 1
+            if self.parallelism.context_parallel_size == 1
             else None,
             targets=cp_batch.labels.to(device),
             layout=layout,
@@ -392,8 +292,8 @@ class MegatronActor:
             hidden,
             model_lib.output_weight(model_chunk),
             micro.targets.t(),
-            temperature=self.config.temperature,
-            chunk_size=self.config.logprob_chunk_size,
+            temperature=self.temperature,
+            chunk_size=self.model_config.logprob_chunk_size,
             vocab_size=self.vocab_size,
             reduce_hidden_grad=not sequence_parallel,
         )
@@ -572,21 +472,23 @@ def _finalize_grads(model, num_tokens=None, **kwargs) -> None:
 
 # -------------------------------------------------------------------- batch layout helpers
 def plan_micro_batches(
-    lengths: torch.Tensor, config: ActorConfig, cp: int, tp: int
+    lengths: torch.Tensor, parallelism: ParallelismConfig
 ) -> list[tuple[torch.Tensor, int]]:
-    """``(row indices, padded length)`` per micro-batch of rows of ``lengths`` (CP / TP sizes
-    ``cp`` / ``tp``: rows are padded to multiples of ``2 * cp * tp``).
+    """``(row indices, padded length)`` per micro-batch of rows of ``lengths``; rows are padded
+    to multiples of ``2 * CP * TP``.
 
-    Fixed size: consecutive rows, every one padded to the batch's longest sequence (one
-    shape for the whole schedule). Dynamic (``max_tokens_per_micro_batch``): rows sorted
-    longest first, a micro-batch takes the next row while rows x its first (longest) row's
-    padded length stays within the budget; each micro-batch has its own length (pipeline
-    stages then exchange shapes, ``variable_seq_lengths``).
+    Fixed size (``micro_batch_size``): consecutive rows, every one padded to the batch's
+    longest sequence (one shape for the whole schedule). Dynamic
+    (``max_tokens_per_micro_batch``): rows sorted longest first, a micro-batch takes the next
+    row while rows x its first (longest) row's padded length stays within the budget; each
+    micro-batch has its own length (pipeline stages then exchange shapes,
+    ``variable_seq_lengths``).
     """
-    budget = config.max_tokens_per_micro_batch
+    cp, tp = parallelism.context_parallel_size, parallelism.tensor_model_parallel_size
+    budget = parallelism.max_tokens_per_micro_batch
     if budget is None:
         common = context_parallel.padded_length(int(lengths.max()), cp, tp)
-        size = config.micro_batch_size
+        size = parallelism.micro_batch_size
         return [
             (torch.arange(start, min(start + size, len(lengths))), common)
             for start in range(0, len(lengths), size)
@@ -598,7 +500,7 @@ def plan_micro_batches(
         if length > budget:
             raise ValueError(
                 f"a sequence of {int(lengths[row])} tokens (padded to {length} for CP={cp}, "
-                f"TP={tp}) exceeds max_tokens_per_micro_batch={budget}"
+                f"TP={tp}) exceeds parallelism.max_tokens_per_micro_batch={budget}"
             )
         if plan and (len(plan[-1][0]) + 1) * plan[-1][1] <= budget:
             plan[-1][0].append(row)
@@ -607,11 +509,14 @@ def plan_micro_batches(
     return [(torch.tensor(rows), common) for rows, common in plan]
 
 
-def _variable_shapes(config: ActorConfig, parallel: ParallelConfig) -> dict[str, Any]:
+def _variable_shapes(parallelism: ParallelismConfig) -> dict[str, Any]:
     """Dynamic batching gives micro-batches of different shapes: pipeline stages then exchange
     them (megatron-core refuses that unless the MoE dispatcher, unused by dense models, is
     ``alltoall``)."""
-    if config.max_tokens_per_micro_batch is None or parallel.pipeline_parallel == 1:
+    if (
+        parallelism.max_tokens_per_micro_batch is None
+        or parallelism.pipeline_model_parallel_size == 1
+    ):
         return {}
     return dict(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
 

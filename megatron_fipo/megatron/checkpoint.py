@@ -9,7 +9,8 @@ Format (a directory written with ``megatron.core.dist_checkpointing``, ``torch_d
   state is saved ``dp_reshardable`` (default: each rank writes its own buffers, no
   communication; reloadable under another DP size, same TP / PP) or ``fully_reshardable``
   (each DP group gathers its state into per-parameter tensors first; reloadable under any
-  TP / PP / DP), chosen by ``ActorConfig.optimizer_checkpoint_format``;
+  TP / PP / DP), chosen by ``trainer.optimizer_checkpoint_format`` (the actor's
+  ``optimizer_checkpoint_format``);
 - beside them ``config.json`` (the Hugging Face model config) and ``fipo_checkpoint.json``
   (what was saved: parallel layout, step, caller metadata).
 
@@ -183,7 +184,7 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
     from megatron.core import dist_checkpointing
 
     _prepare_dir(path)
-    optimizer_format = actor.config.optimizer_checkpoint_format
+    optimizer_format = actor.optimizer_checkpoint_format
     state = model_sharded_state_dict(actor.model)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
         state, is_loading=False, metadata={"distrib_optim_sharding_type": optimizer_format}
@@ -196,7 +197,7 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
         "layout": _layout(),
         "num_steps": actor.num_steps,
         "optimizer_format": optimizer_format,
-        "distributed_optimizer": actor.config.use_distributed_optimizer,
+        "distributed_optimizer": actor.parallelism.use_distributed_optimizer,
     }
     _write_metadata(path, actor.hf_config, {**meta, **(extra_metadata or {})})
     dist.barrier()

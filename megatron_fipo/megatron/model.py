@@ -23,9 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_fipo.megatron.distributed import ParallelConfig
+from megatron_fipo.config import ModelConfig, ParallelismConfig, check_actor_sections
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``model.dtype`` -> torch dtype."""
 VOCAB_ALIGNMENT = 128
 
 
@@ -96,32 +98,16 @@ def rope_scaling_factor(hf_config: Any) -> float | None:
 
 
 def transformer_config_from_hf(
-    hf_config: Any,
-    parallel: ParallelConfig,
-    *,
-    dtype: torch.dtype = torch.float32,
-    spec: str = "local",
-    fp8: str | None = None,
-    fp8_recipe: str = "delayed",
-    recompute_granularity: str | None = None,
-    **overrides: Any,
+    hf_config: Any, model: ModelConfig, parallel: ParallelismConfig, **overrides: Any
 ):
-    """Megatron ``TransformerConfig`` for the HF model under ``parallel``.
-
-    ``dtype``: parameter/compute dtype (bf16 on GPU, fp32 on CPU). ``fp8``: None, ``"e4m3"`` or
-    ``"hybrid"`` (TE spec only); ``fp8_recipe``: ``delayed`` / ``tensorwise`` / ``blockwise`` /
-    ``mxfp8``. ``overrides``: further ``TransformerConfig`` fields.
-    """
+    """Megatron ``TransformerConfig`` for the HF model built as the ``model`` section says
+    (dtype, spec, FP8, recomputation) under the ``parallel`` layout. ``overrides``: further
+    ``TransformerConfig`` fields."""
     from megatron.core.transformer import TransformerConfig
 
+    check_actor_sections(model, parallel)
     model_type = _model_type(hf_config)
-    if parallel.sequence_parallel and spec != "te":
-        raise ValueError(
-            "sequence_parallel=True needs spec='te': megatron-core's local (torch) norms do not "
-            "support sequence parallelism"
-        )
-    if fp8 is not None and spec != "te":
-        raise ValueError(f"fp8={fp8!r} needs spec='te' (TransformerEngine), got spec={spec!r}")
+    dtype = DTYPES[model.dtype]
     num_heads = hf_value(hf_config, "num_attention_heads")
     hidden = hf_value(hf_config, "hidden_size")
     qkv_bias = True if model_type == "qwen2" else bool(hf_value(hf_config, "attention_bias", False))
@@ -145,29 +131,32 @@ def transformer_config_from_hf(
         init_method_std=hf_value(hf_config, "initializer_range", 0.02),
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline
-        if parallel.virtual_pipeline not in (None, 1)
-        else None,
-        context_parallel_size=parallel.context_parallel,
-        sequence_parallel=(
-            spec == "te" and parallel.tensor_parallel > 1
-            if parallel.sequence_parallel is None
-            else parallel.sequence_parallel
-        ),
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=sequence_parallel(model, parallel),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True,
-        recompute_granularity=recompute_granularity,
-        **_kernel_options(spec),
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        **_kernel_options(model.spec),
     )
-    if fp8 is not None:
-        kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
+    if model.fp8 is not None:
+        kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def sequence_parallel(model: ModelConfig, parallel: ParallelismConfig) -> bool:
+    """``parallelism.sequence_parallel``, or when None: on with the TE spec and TP > 1."""
+    if parallel.sequence_parallel is None:
+        return model.spec == "te" and parallel.tensor_model_parallel_size > 1
+    return parallel.sequence_parallel
 
 
 def _kernel_options(spec: str) -> dict[str, Any]:

@@ -46,19 +46,16 @@ def long_tailed_batch(count: int, max_length: int, vocab: int, seed: int = 0):
 
 
 def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
-    from megatron_fipo.megatron.actor import (
-        ActorConfig,
-        ActorOptimizerConfig,
-        MegatronActor,
-        plan_micro_batches,
-    )
-    from megatron_fipo.megatron.distributed import ParallelConfig
+    from megatron_fipo.config import OptimizerConfig
+    from megatron_fipo.megatron.actor import MegatronActor, plan_micro_batches
+    from megatron_fipo.megatron.check_parallel import layout, model_section
 
     actor = MegatronActor(
         hf,
-        ParallelConfig(),
-        ActorConfig(micro_batch_size=1, max_tokens_per_micro_batch=budget, seed=3),
-        ActorOptimizerConfig(lr=1e-5, lr_warmup_steps=0),
+        model_section(hf),
+        layout(micro_batch_size=1, max_tokens_per_micro_batch=budget),
+        OptimizerConfig(lr=1e-5, lr_warmup_steps=0),
+        seed=3,
     )
     params = dict(actor.model[0].named_parameters())
     if state is None:
@@ -68,9 +65,7 @@ def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
             for name, p in params.items():
                 p.copy_(state[name])
         actor.optimizer.reload_model_params()
-    plan = plan_micro_batches(
-        batch.prompt_lengths + batch.response_lengths, actor.config, cp=1, tp=1
-    )
+    plan = plan_micro_batches(batch.prompt_lengths + batch.response_lengths, actor.parallelism)
     padded_tokens = sum(len(rows) * common for rows, common in plan)
     start = time.perf_counter()
     log_probs = actor.compute_log_probs(batch)

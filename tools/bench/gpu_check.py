@@ -104,17 +104,23 @@ def random_batch(num_sequences: int, seq_len: int, vocab: int):
     )
 
 
-def actor_step(args) -> dict:
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
+def bf16_actor(hf: dict, micro_batch_size: int, **model_fields):
+    """A one-process bf16 actor with the local spec (no TE on the device), AdamW at lr 1e-6."""
+    from megatron_fipo.config import OptimizerConfig
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
 
-    hf = model_config(args.num_layers)
-    actor = MegatronActor(
+    return MegatronActor(
         hf,
-        ParallelConfig(),
-        ActorConfig(dtype="bfloat16", micro_batch_size=args.micro_batch_size),
-        ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
+        model_section(hf, dtype="bfloat16", **model_fields),
+        layout(micro_batch_size=micro_batch_size),
+        OptimizerConfig(lr=1e-6, lr_warmup_steps=0),
     )
+
+
+def actor_step(args) -> dict:
+    hf = model_config(args.num_layers)
+    actor = bf16_actor(hf, micro_batch_size=args.micro_batch_size)
     num_params = sum(p.numel() for chunk in actor.model for p in chunk.parameters())
     batch = random_batch(args.num_sequences, args.seq_len, hf["vocab_size"])
     batch.old_log_probs = actor.compute_log_probs(batch)
@@ -150,21 +156,13 @@ def profile_actor(args) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
-
     hf = model_config(args.num_layers)
     batch = random_batch(args.num_sequences, args.seq_len, hf["vocab_size"])
     result = {"part": "profile"}
     for mbs in args.profile_micro_batch_sizes:
         gc.collect()
         _reset_memory()
-        actor = MegatronActor(
-            hf,
-            ParallelConfig(),
-            ActorConfig(dtype="bfloat16", micro_batch_size=mbs),
-            ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
-        )
+        actor = bf16_actor(hf, micro_batch_size=mbs)
         batch.old_log_probs = actor.compute_log_probs(batch)
         actor.train_step(batch)  # warm-up
         _sync()
@@ -254,20 +252,10 @@ def actor_long(args) -> dict:
     """One long row through compute_log_probs and a train step (memory at long context)."""
     import gc
 
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
-
     gc.collect()
     _reset_memory()
     hf = model_config(args.num_layers)
-    actor = MegatronActor(
-        hf,
-        ParallelConfig(),
-        ActorConfig(
-            dtype="bfloat16", micro_batch_size=1, recompute_granularity=args.long_recompute
-        ),
-        ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
-    )
+    actor = bf16_actor(hf, micro_batch_size=1, recompute_granularity=args.long_recompute)
     batch = random_batch(1, args.long_seq_len, hf["vocab_size"])
     batch.old_log_probs = actor.compute_log_probs(batch)
     times = []
@@ -359,13 +347,14 @@ def model_attention_check(args) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.check_parallel import layout, model_section
     from megatron_fipo.megatron.cp_attention import ContextParallelAttention
-    from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
+    from megatron_fipo.megatron.distributed import init_distributed
 
-    init_distributed(ParallelConfig())
+    init_distributed(layout())
     hf = model_config(2)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    config = model_lib.transformer_config_from_hf(hf, ParallelConfig(), dtype=dtype)
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    config = model_lib.transformer_config_from_hf(hf, model_section(hf, dtype=dtype), layout())
     models = []
     for own in (False, True):
         model = model_lib.build_gpt_model(hf, config, own_attention=own).to(DEVICE)

@@ -279,7 +279,18 @@ class ParallelismConfig(_Section):
     micro_batch_size: int = _num(1, ge=1)
     """Sequences per micro-batch when ``max_tokens_per_micro_batch`` is None."""
     max_tokens_per_micro_batch: int | None = _num(None, ge=1)
-    """Dynamic batching: pack sequences into micro-batches of at most this many tokens."""
+    """Dynamic batching: micro-batches of at most this many (padded) tokens, sequences grouped
+    by length, so short responses are not padded to the longest one of the batch."""
+    packing: bool | None = None
+    """Pack each micro-batch's sequences into one row ("thd", with ``cu_seqlens``; each
+    sequence padded only to a multiple of 2 * CP * TP) instead of one row per sequence padded
+    to the micro-batch's longest. None: on with ``max_tokens_per_micro_batch`` (the long-tailed
+    RL batches it is for), off with fixed ``micro_batch_size``."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (bucket by bucket)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass;
+    needs use_distributed_optimizer and overlap_grad_reduce."""
 
     def _validate(self) -> None:
         _require(
@@ -291,6 +302,19 @@ class ParallelismConfig(_Section):
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallelism.sequence_parallel=true needs tensor_model_parallel_size > 1",
         )
+        _require(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "parallelism.overlap_param_gather=true needs use_distributed_optimizer=true and "
+            "overlap_grad_reduce=true",
+        )
+
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches are packed rows (``packing``, resolved)."""
+        if self.packing is None:
+            return self.max_tokens_per_micro_batch is not None
+        return self.packing
 
     @property
     def model_parallel_size(self) -> int:
@@ -351,6 +375,41 @@ class OptimizerConfig(_Section):
             f"optimizer.lr_decay_steps ({self.lr_decay_steps}) must exceed "
             f"optimizer.lr_warmup_steps ({self.lr_warmup_steps})",
         )
+
+
+def resolved_sequence_parallel(model: ModelConfig, parallelism: ParallelismConfig) -> bool:
+    """``parallelism.sequence_parallel``, or when None: on with the TE spec and TP > 1."""
+    if parallelism.sequence_parallel is None:
+        return model.spec == "te" and parallelism.tensor_model_parallel_size > 1
+    return parallelism.sequence_parallel
+
+
+FP8_TOKEN_ALIGNMENT = {"mxfp8": 32}
+"""Tokens an FP8 GEMM's token dimension must be a multiple of, per recipe (others: 16), as
+megatron-core's ``fp8_utils.get_fp8_align_size`` states for TransformerEngine."""
+
+
+def padding_multiples(model: ModelConfig, parallelism: ParallelismConfig) -> tuple[int, int]:
+    """``(per sequence, per micro-batch row)``: the token multiples the actor pads to.
+
+    Each sequence: ``2 * CP * TP`` (the zigzag split's 2 * CP chunks, each split again over
+    the TP ranks by sequence parallelism). Each micro-batch row, with FP8: also a multiple of
+    ``align * CP * TP`` so that every rank's tokens, ``row / CP`` (``row / (CP * TP)`` under
+    sequence parallelism, where the FP8 inputs are cast before the all-gather), are a
+    multiple of the GEMM alignment ``align`` (16; 32 for mxfp8). A plain ``lcm(16, 2 * CP *
+    TP)`` would leave a rank's share of it unaligned whenever CP * TP > 1.
+    """
+    cp, tp = parallelism.context_parallel_size, parallelism.tensor_model_parallel_size
+    sequence = 2 * cp * tp
+    if model.fp8 is None:
+        return sequence, sequence
+    align = FP8_TOKEN_ALIGNMENT.get(model.fp8_recipe, 16)
+    return sequence, math.lcm(sequence, align * cp * tp)
+
+
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
 
 
 def check_actor_sections(
@@ -666,12 +725,14 @@ class FipoConfig:
             f"by 2 * parallelism.context_parallel_size * tensor_model_parallel_size ({2 * cp * tp})",
         )
         limit = par.max_tokens_per_micro_batch
-        padded = -(-total // (2 * cp * tp)) * (2 * cp * tp)  # as the actor pads a row
+        sequence, row = padding_multiples(self.model, par)
+        padded = round_up(round_up(total, sequence), row)  # as the actor pads a row
         _require(
             limit is None or limit >= padded,
             f"parallelism.max_tokens_per_micro_batch ({limit}) must hold one full sequence: "
             f"rollout.max_prompt_length + max_response_length = {total}, padded to {padded} "
-            f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size)",
+            f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size"
+            f"{', and of the FP8 alignment' if row != sequence else ''})",
         )
         buffer = self.algorithm.overlong_buffer
         _require(

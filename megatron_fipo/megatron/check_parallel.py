@@ -102,6 +102,10 @@ class CheckSettings:
     logprob_chunk_size: int = 16
     seed: int = 7
     max_tokens_per_micro_batch: int | None = None
+    packing: bool | None = None
+    """``parallelism.packing`` (None: on with ``max_tokens_per_micro_batch``)."""
+    overlap: bool = False
+    """``parallelism.overlap_grad_reduce`` and ``overlap_param_gather`` (Adam only)."""
 
     def sections(
         self, parallel: ParallelismConfig | None = None
@@ -117,7 +121,10 @@ class CheckSettings:
             parallel or ParallelismConfig(),
             micro_batch_size=self.micro_batch_size,
             max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            packing=self.packing,
             use_distributed_optimizer=not sgd,  # Megatron's supports Adam only
+            overlap_grad_reduce=self.overlap,
+            overlap_param_gather=self.overlap,
         )
         return model, parallelism, self.optimizer_section()
 
@@ -206,6 +213,7 @@ def run_layout(
         if edit_batch is not None:
             edit_batch(batch)
         metrics = actor.train_step(batch)
+        actor.finish_param_sync()  # overlap_param_gather: the step's all-gather is still due
         params = checkpoint.gather_full_parameters(actor.model, vocab_size=actor.vocab_size)
         grads = gathered_gradients(actor, metrics) if reference else None
         pieces = [None] * actor.data_parallel_size
@@ -423,6 +431,16 @@ def _parse(argv):
     parser.add_argument("--tie-word-embeddings", action="store_true")
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument(
+        "--max-tokens-per-micro-batch", type=int, default=None, help="token-budget batching"
+    )
+    parser.add_argument(
+        "--packing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="packed rows (auto: with --max-tokens-per-micro-batch)",
+    )
+    parser.add_argument("--overlap", action="store_true", help="overlap grad reduce / gather")
+    parser.add_argument(
         "--workdir", default=None, help="shared directory (required under torchrun)"
     )
     return parser.parse_args(argv)
@@ -436,21 +454,36 @@ def main(argv=None) -> int:
         num_layers=args.num_layers,
         tie_word_embeddings=args.tie_word_embeddings,
         micro_batch_size=args.micro_batch_size,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        packing={"auto": None, "on": True, "off": False}[args.packing],
+        overlap=args.overlap,
     )
     world_size = parallel.model_parallel_size * args.dp
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return _main_torchrun(parallel, settings, args.workdir)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
-        reference = spawn_run(1, layout(), settings, os.path.join(workdir, "init"), True)
+        reference = spawn_run(1, layout(), plain(settings), os.path.join(workdir, "init"), True)
         result = spawn_run(world_size, parallel, settings, os.path.join(workdir, "init"), False)
         return _report(reference, result, time.time() - start, args, settings)
 
 
+def plain(settings: CheckSettings) -> CheckSettings:
+    """The reference's settings: fixed micro-batches of padded rows, no overlap (the batching
+    and overlap of ``settings`` are what the layout run checks against it)."""
+    return dataclasses.replace(
+        settings, max_tokens_per_micro_batch=None, packing=False, overlap=False
+    )
+
+
 def _report(reference: dict, result: dict, seconds: float, args, settings) -> int:
     comparisons = compare(reference, result, settings)
-    layout = f"tp={args.tp} pp={args.pp} cp={args.cp} dp={args.dp} vpp={args.vpp}"
-    print(f"check_parallel {layout} optimizer={args.optimizer} ({seconds:.1f}s)")
+    shape = f"tp={args.tp} pp={args.pp} cp={args.cp} dp={args.dp} vpp={args.vpp}"
+    batching = (
+        f"packing={settings.packing} max_tokens={settings.max_tokens_per_micro_batch} "
+        f"overlap={settings.overlap}"
+    )
+    print(f"check_parallel {shape} optimizer={args.optimizer} {batching} ({seconds:.1f}s)")
     print("  tolerances: fp32 rounding of each quantity (megatron_fipo/numerics.py)")
     for comparison in comparisons:
         print(f"  {comparison}")
@@ -476,7 +509,7 @@ def _main_torchrun(parallel, settings, workdir) -> int:
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
             if key in os.environ
         }
-        reference = spawn_run(1, layout(), settings, init_dir, True)
+        reference = spawn_run(1, layout(), plain(settings), init_dir, True)
         os.environ.update(saved)
         torch.save(reference, done + ".tmp")
         os.replace(done + ".tmp", done)

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_fipo.config import ModelConfig, ParallelismConfig, check_actor_sections
+from megatron_fipo.config import (
+    ModelConfig,
+    ParallelismConfig,
+    check_actor_sections,
+    resolved_sequence_parallel,
+)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,7 +140,7 @@ def transformer_config_from_hf(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
-        sequence_parallel=sequence_parallel(model, parallel),
+        sequence_parallel=resolved_sequence_parallel(model, parallel),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -150,13 +155,6 @@ def transformer_config_from_hf(
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-def sequence_parallel(model: ModelConfig, parallel: ParallelismConfig) -> bool:
-    """``parallelism.sequence_parallel``, or when None: on with the TE spec and TP > 1."""
-    if parallel.sequence_parallel is None:
-        return model.spec == "te" and parallel.tensor_model_parallel_size > 1
-    return parallel.sequence_parallel
 
 
 def _kernel_options(spec: str) -> dict[str, Any]:
@@ -177,12 +175,22 @@ def _kernel_options(spec: str) -> dict[str, Any]:
     )
 
 
+def uses_own_attention(spec: str, context_parallel: int = 1, packed: bool = False) -> bool:
+    """Whether the local spec puts our core attention in place of Megatron's
+    ``DotProductAttention``: with CP (which Megatron's refuses), with packed rows (it refuses
+    ``cu_seqlens``), and on CUDA (ours runs PyTorch's fused kernels; Megatron's materialises
+    the ``[s, s]`` scores). The TE spec has TE's attention."""
+    if spec != "local":
+        return False
+    return context_parallel > 1 or packed or torch.cuda.is_available()
+
+
 def layer_spec(spec: str, context_parallel: int = 1, own_attention: bool | None = None):
     """The transformer layer ``ModuleSpec`` for ``spec`` ("local" or "te").
 
-    With the local spec, ``own_attention`` (default: when CP > 1 or CUDA is present) puts our
-    :class:`~megatron_fipo.megatron.cp_attention.ContextParallelAttention` in place of
-    Megatron's ``DotProductAttention``."""
+    With the local spec, ``own_attention`` (default: :func:`uses_own_attention` for unpacked
+    rows) puts our :class:`~megatron_fipo.megatron.cp_attention.ContextParallelAttention` in
+    place of Megatron's ``DotProductAttention``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "te":
@@ -197,7 +205,7 @@ def layer_spec(spec: str, context_parallel: int = 1, own_attention: bool | None 
         raise ValueError(f"spec must be 'local' or 'te', got {spec!r}")
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if own_attention is None:
-        own_attention = context_parallel > 1 or torch.cuda.is_available()
+        own_attention = uses_own_attention(spec, context_parallel)
     if context_parallel > 1 and not own_attention:
         raise ValueError("the local spec needs our core attention for context_parallel > 1")
     if own_attention:
@@ -247,7 +255,9 @@ def build_gpt_model(
     )
 
 
-def build_model_chunks(hf_config: Any, config, *, spec: str = "local") -> list:
+def build_model_chunks(
+    hf_config: Any, config, *, spec: str = "local", own_attention: bool | None = None
+) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP).
 
     Pipeline position decides ``pre_process`` (embedding) / ``post_process`` (final norm and
@@ -271,6 +281,7 @@ def build_model_chunks(hf_config: Any, config, *, spec: str = "local") -> list:
                 ),
                 spec=spec,
                 vp_stage=vp_stage,
+                own_attention=own_attention,
             )
         )
     return chunks

@@ -534,3 +534,35 @@ def test_bf16_actor_hands_bf16_hidden_states_to_the_vocab_head(world1):
     own dtype."""
     seen = world1.run(_head_input_dtype)[0]
     assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+def _masks_and_kernels(rank, world_size, settings):
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.cp_attention import ContextParallelAttention
+    from megatron_fipo.megatron.distributed import destroy
+
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
+    try:
+        micro_batches = actor._micro_batches(fixed_batch(settings), with_training_data=False)
+        actor.compute_log_probs(fixed_batch(settings))
+        kernels = {
+            module.last_kernel
+            for chunk in actor.model
+            for module in chunk.modules()
+            if isinstance(module, ContextParallelAttention)
+        }
+        masks = [micro.attention_mask is not None for micro in micro_batches]
+        packed = [micro.packed_seq_params is not None for micro in micro_batches]
+        return masks, packed, kernels
+    finally:
+        destroy()
+
+
+def test_dense_masks_only_for_megatrons_own_attention(world1):
+    """Packed rows go through our attention, one sequence at a time, and build no [S, S] mask;
+    padded rows at CP = 1 on CPU still use Megatron's DotProductAttention, which needs one
+    (on CUDA they take our flash path, which needs none: ``model.uses_own_attention``)."""
+    masks, packed, kernels = world1.run(_masks_and_kernels, PACKED)[0]
+    assert all(packed) and not any(masks) and kernels == {"per_sequence_fused"}
+    masks, packed, kernels = world1.run(_masks_and_kernels, ADAM)[0]
+    assert all(masks) and not any(packed) and kernels == set()

@@ -111,3 +111,36 @@ def test_fp8_budget_check_in_the_run_config():
     assert ok.parallelism.max_tokens_per_micro_batch == 22528
     with pytest.raises(ConfigError, match=r"padded to 22784 .*FP8 alignment"):
         load_config(big, ["model.fp8=e4m3", "rollout.max_response_length=20512"])
+
+
+def test_packed_rows_drop_and_count_sequences_not_rows():
+    """FIPO's sequence drop on a packed row equals the unpacked one: the loss, and the dropped
+    sequences counted per sequence (1 of 3); a row-wise count said 1 of 1."""
+    from megatron_fipo.algorithms.losses import PolicyLossConfig, compute_policy_loss
+    from megatron_fipo.megatron.context_parallel import build_layout, split_to_local
+    from megatron_fipo.megatron.cp_scan import make_cp_future_sum, make_cp_sequence_sum
+
+    lengths = [6, 5, 7]
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.arange(7) < torch.tensor(lengths)[:, None]).float()
+    mask[:, 0] = 0.0  # a prompt token
+    log_probs = -torch.rand(3, 7, generator=gen)
+    old = log_probs - 0.1 * torch.rand(3, 7, generator=gen)
+    old[1, 2:4] = log_probs[1, 2:4] - 3.0  # two ratios of e^3 > c = 10: sequence 1 drops
+    advantages = torch.tensor([1.0, -1.0, -1.0])[:, None].expand(3, 7)
+    config = PolicyLossConfig()
+    plain_loss, plain = compute_policy_loss(log_probs, old, advantages, mask, config, 40.0)
+    layout = build_layout(lengths, 1, 0, packed=True)
+    local = [split_to_local(x, layout) for x in (log_probs, old, advantages, mask)]
+    packed_loss, packed = compute_policy_loss(
+        *local,
+        config,
+        40.0,
+        future_sum_fn=make_cp_future_sum(layout),
+        sequence_sum_fn=make_cp_sequence_sum(layout),
+    )
+    assert float(plain["actor/dropped_seqs_sum"]) == 1.0
+    for key in ("actor/dropped_seqs_sum", "actor/dropped_seqs_count"):
+        assert float(packed[key]) == pytest.approx(float(plain[key]), rel=1e-12), key
+    tolerance = 8 * 2**-24 * float(plain_loss.abs()) * 18**0.5  # 18 summed tokens, reordered
+    assert abs(float(packed_loss) - float(plain_loss)) <= tolerance

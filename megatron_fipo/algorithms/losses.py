@@ -182,7 +182,7 @@ def compute_policy_loss(
         else:
             # Rows are not sequences (packed rows, CP chunks): count each sequence once, by
             # its response tokens, each carrying 1 / the sequence's response length.
-            share = (mask / sequence_sum_fn(mask).clamp(min=1.0)).double()
+            share = mask.double() / sequence_sum_fn(mask).double().clamp(min=1.0)
             num_seqs = share.sum()
             num_dropped = (share * drop_token).sum()
     num_kept = kept.sum()

@@ -26,8 +26,9 @@ Two kernels compute the same thing:
 
 A packed row is attended sequence by sequence (:meth:`ContextParallelAttention._packed`): each
 sequence's local queries over that sequence's gathered keys only, so the work and any mask are
-``O(sum_i s_i * CP * s_i)`` rather than ``O((sum_i s_i) * CP * sum_i s_i)``. On CUDA with
-CP = 1 and bf16 / fp16 the whole row is one call of PyTorch's variable-length flash kernel
+``O(sum_i s_i * CP * s_i)`` rather than ``O((sum_i s_i) * CP * sum_i s_i)``; at CP = 1 each is
+plain causal attention, through the fused kernel also on CPU for fp32. On CUDA with CP = 1
+and bf16 / fp16 the whole row is one call of PyTorch's variable-length flash kernel
 (``torch.nn.attention.varlen.varlen_attn``, causal, boundaries from ``cu_seqlens``).
 
 Attention dropout (off in every shipped config) always takes the materialised path.
@@ -343,6 +344,11 @@ class ContextParallelAttention(MegatronModule):
         if fused and cp_size == 1 and query.is_cuda and query.dtype != torch.float32:
             self.last_kernel = "varlen"
             return varlen_causal_attention(query, key, value, cu_seqlens, self.softmax_scale)
+        # At CP = 1 each sequence is plain causal attention: PyTorch's flash kernel on CPU too
+        # for fp32 / fp64 (it computes in the inputs' precision; ~12x the materialised path at
+        # 2k tokens), unless dropout needs the probabilities.
+        exact = query.dtype in (torch.float32, torch.float64)
+        fused = fused or (cp_size == 1 and exact and not self._dropout_active)
         total = query.shape[0]
         key = gather_sequence(key, self.cp_group).view(cp_size, total, *key.shape[1:])
         value = gather_sequence(value, self.cp_group).view(cp_size, total, *value.shape[1:])

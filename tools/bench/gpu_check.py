@@ -25,6 +25,8 @@
 9. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
    the local spec (flash attention through our core attention) and the chunked log-probs;
    peak memory and time.
+10-12. Side by side with a plain transformers training step, packed vs padded rows, and
+    the packed rows' attention kernel: :mod:`tools.bench.gpu_throughput`.
 
 Prints one JSON line per part and a summary; exits 1 without CUDA.
 """
@@ -38,6 +40,8 @@ import time
 import traceback
 
 import torch
+
+from tools.bench import gpu_throughput
 
 # Dense bf16 peak TFLOP/s by card name fragment (no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -104,7 +108,7 @@ def random_batch(num_sequences: int, seq_len: int, vocab: int):
     )
 
 
-def bf16_actor(hf: dict, micro_batch_size: int, **model_fields):
+def bf16_actor(hf: dict, micro_batch_size: int = 1, parallel_fields=None, **model_fields):
     """A one-process bf16 actor with the local spec (no TE on the device), AdamW at lr 1e-6."""
     from megatron_fipo.config import OptimizerConfig
     from megatron_fipo.megatron.actor import MegatronActor
@@ -113,7 +117,7 @@ def bf16_actor(hf: dict, micro_batch_size: int, **model_fields):
     return MegatronActor(
         hf,
         model_section(hf, dtype="bfloat16", **model_fields),
-        layout(micro_batch_size=micro_batch_size),
+        layout(micro_batch_size=micro_batch_size, **(parallel_fields or {})),
         OptimizerConfig(lr=1e-6, lr_warmup_steps=0),
     )
 
@@ -480,6 +484,9 @@ PARTS = {
     "actor": actor_step,
     "long": actor_long,
     "profile": profile_actor,
+    "side_by_side": gpu_throughput.side_by_side,
+    "packed": gpu_throughput.packed_vs_padded,
+    "packed_attention": gpu_throughput.packed_attention_check,
 }
 """The parts, in the order they run (``--skip`` names any of them)."""
 
@@ -497,6 +504,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-micro-batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--long-seq-len", type=int, default=32768)
     parser.add_argument("--long-recompute", default=None, choices=(None, "full", "selective"))
+    parser.add_argument("--packed-lengths", type=int, nargs=2, default=[200, 20480])
+    parser.add_argument("--packed-sequences", type=int, default=16)
+    parser.add_argument("--packed-steps", type=int, default=2)
     parser.add_argument(
         "--skip",
         nargs="*",

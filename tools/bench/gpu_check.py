@@ -1,4 +1,6 @@
-"""One prepared GPU check (CUDA, no TransformerEngine; under 8 minutes on one H100 / H200).
+"""One prepared GPU check (CUDA, no TransformerEngine; parts 1-9 took under 8 minutes on one
+H100 / H200; parts 10-12 are not yet timed on a GPU: ``--skip`` any part to stay within a
+10-minute lease).
 
     python -m tools.bench.gpu_check [--seq-len 2048] [--num-sequences 8] [--logprob-tokens 32768]
 

@@ -53,16 +53,28 @@ def _model_config(config: VerifyConfig) -> dict:
     return read_config(recorded if recorded.is_file() else Path(config.hf_dir) / "config.json")
 
 
+def _model_section(config: VerifyConfig):
+    """The ``model`` section the check builds: fp32, Megatron's local spec."""
+    from megatron_fipo.config import ModelConfig
+
+    return ModelConfig(hf_model_path=str(config.hf_dir), dtype="float32", spec="local")
+
+
+def _parallelism(config: VerifyConfig):
+    from megatron_fipo.config import ParallelismConfig
+
+    return ParallelismConfig(
+        tensor_model_parallel_size=config.tensor_parallel,
+        pipeline_model_parallel_size=config.pipeline_parallel,
+    )
+
+
 def _load_megatron(hf_config: dict, config: VerifyConfig):
     from megatron_fipo.megatron import model as model_lib
     from megatron_fipo.megatron.checkpoint import load_model_checkpoint
-    from megatron_fipo.megatron.distributed import ParallelConfig
 
-    parallel = ParallelConfig(
-        tensor_parallel=config.tensor_parallel, pipeline_parallel=config.pipeline_parallel
-    )
     transformer_config = model_lib.transformer_config_from_hf(
-        hf_config, parallel, dtype=torch.float32
+        hf_config, _model_section(config), _parallelism(config)
     )
     (chunk,) = model_lib.build_model_chunks(hf_config, transformer_config)
     # The actor's loader: megatron.core.dist_checkpointing.load + a strict load_state_dict.
@@ -108,11 +120,7 @@ def verify_in_process(config: VerifyConfig) -> VerifyResult:
     from megatron_fipo.megatron import distributed as dist_lib
 
     hf_config = _model_config(config)
-    dist_lib.init_distributed(
-        dist_lib.ParallelConfig(
-            tensor_parallel=config.tensor_parallel, pipeline_parallel=config.pipeline_parallel
-        )
-    )
+    dist_lib.init_distributed(_parallelism(config))
     generator = torch.Generator().manual_seed(config.seed)
     tokens = torch.randint(
         0, hf_config["vocab_size"], (config.batch_size, config.seq_len), generator=generator

@@ -223,13 +223,23 @@ class ModelConfig(_Section):
     recompute_method: Literal["uniform", "block"] | None = None
     """How "full" recomputation groups the layers."""
     recompute_num_layers: int | None = _num(None, ge=1)
-    """Layers per recompute group ("uniform") or recomputed layers per stage ("block")."""
+    """Layers per recompute group ("uniform") or recomputed layers per stage ("block").
+    With "full" recomputation and neither set: "uniform", 1 layer per group (only each layer's
+    input is kept, the usual long-context setting)."""
+    logprob_chunk_size: int = _num(1024, ge=1)
+    """Token positions per chunk of the vocab head (log-probs, entropy): its extra memory is
+    chunk x vocab / TP fp32 values, whatever the sequence length."""
 
     def _validate(self) -> None:
         _require(
             self.hf_model_path is not None or self.architecture is not None,
             "model.hf_model_path or model.architecture must be set",
         )
+        if self.recompute_granularity == "full":
+            # Megatron refuses full recomputation without a method: one default, here.
+            self.recompute_method = self.recompute_method or "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
         if self.fp8 is not None:
             _require(
                 self.spec == "te" and self.dtype == "bfloat16",
@@ -237,10 +247,11 @@ class ModelConfig(_Section):
                 f"model.dtype='bfloat16', got {self.spec!r} and {self.dtype!r}",
             )
         _require(not self.fp8_param or self.fp8 is not None, "model.fp8_param=true needs model.fp8")
-        _require(
-            self.recompute_method is None or self.recompute_granularity == "full",
-            f"model.recompute_method={self.recompute_method!r} needs recompute_granularity='full'",
-        )
+        for name in ("recompute_method", "recompute_num_layers"):
+            _require(
+                getattr(self, name) is None or self.recompute_granularity == "full",
+                f"model.{name}={getattr(self, name)!r} needs recompute_granularity='full'",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +279,18 @@ class ParallelismConfig(_Section):
     micro_batch_size: int = _num(1, ge=1)
     """Sequences per micro-batch when ``max_tokens_per_micro_batch`` is None."""
     max_tokens_per_micro_batch: int | None = _num(None, ge=1)
-    """Dynamic batching: pack sequences into micro-batches of at most this many tokens."""
+    """Dynamic batching: micro-batches of at most this many (padded) tokens, sequences grouped
+    by length, so short responses are not padded to the longest one of the batch."""
+    packing: bool | None = None
+    """Pack each micro-batch's sequences into one row ("thd", with ``cu_seqlens``; each
+    sequence padded only to a multiple of 2 * CP * TP) instead of one row per sequence padded
+    to the micro-batch's longest. None: on with ``max_tokens_per_micro_batch`` (the long-tailed
+    RL batches it is for), off with fixed ``micro_batch_size``."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (bucket by bucket)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass;
+    needs use_distributed_optimizer and overlap_grad_reduce."""
 
     def _validate(self) -> None:
         _require(
@@ -280,6 +302,19 @@ class ParallelismConfig(_Section):
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallelism.sequence_parallel=true needs tensor_model_parallel_size > 1",
         )
+        _require(
+            not self.overlap_param_gather
+            or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+            "parallelism.overlap_param_gather=true needs use_distributed_optimizer=true and "
+            "overlap_grad_reduce=true",
+        )
+
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches are packed rows (``packing``, resolved)."""
+        if self.packing is None:
+            return self.max_tokens_per_micro_batch is not None
+        return self.packing
 
     @property
     def model_parallel_size(self) -> int:
@@ -293,6 +328,10 @@ class OptimizerConfig(_Section):
     """AdamW (Megatron's "adam", decoupled weight decay) and the learning-rate schedule."""
 
     SECTION: ClassVar[str] = "optimizer"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """"adam" (AdamW); "sgd" (plain SGD: its update is lr x the gradient, which the layout
+    equivalence checks use to compare gradients). SGD needs
+    ``parallelism.use_distributed_optimizer=false`` (Megatron's distributed optimizer is Adam)."""
     lr: float = _num(1e-6, gt=0)
     """Peak learning rate."""
     min_lr: float = _num(0.0, ge=0)
@@ -302,7 +341,8 @@ class OptimizerConfig(_Section):
     lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
     """Schedule after warm-up."""
     lr_decay_steps: int | None = _num(None, ge=1)
-    """Optimizer steps over which cosine / linear decay to min_lr (None: the whole run)."""
+    """Optimizer steps (warm-up included) over which cosine / linear decay to min_lr; required
+    by those styles (the actor cannot know the run's length), unused by "constant"."""
     weight_decay: float = _num(0.1, ge=0)
     """Decoupled weight decay."""
     adam_beta1: float = _num(0.9, ge=0, lt=1)
@@ -313,6 +353,8 @@ class OptimizerConfig(_Section):
     """Adam epsilon."""
     clip_grad: float = _num(1.0, ge=0)
     """Global gradient-norm clip (0: no clipping)."""
+    sgd_momentum: float = _num(0.0, ge=0, lt=1)
+    """Momentum of "sgd" (unused by "adam")."""
     offload_during_rollout: bool = False
     """Colocated runs: move the Adam state (and fp32 main weights) to host memory and drop the
     gradient buffers after each training phase, so the engines' KV cache can use that memory
@@ -322,6 +364,70 @@ class OptimizerConfig(_Section):
         _require(
             self.min_lr <= self.lr,
             f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})",
+        )
+        _require(
+            self.lr_decay_style == "constant" or self.lr_decay_steps is not None,
+            f"optimizer.lr_decay_style={self.lr_decay_style!r} needs optimizer.lr_decay_steps "
+            "(the number of optimizer steps to decay over)",
+        )
+        _require(
+            self.lr_decay_steps is None or self.lr_decay_steps > self.lr_warmup_steps,
+            f"optimizer.lr_decay_steps ({self.lr_decay_steps}) must exceed "
+            f"optimizer.lr_warmup_steps ({self.lr_warmup_steps})",
+        )
+
+
+def resolved_sequence_parallel(model: ModelConfig, parallelism: ParallelismConfig) -> bool:
+    """``parallelism.sequence_parallel``, or when None: on with the TE spec and TP > 1."""
+    if parallelism.sequence_parallel is None:
+        return model.spec == "te" and parallelism.tensor_model_parallel_size > 1
+    return parallelism.sequence_parallel
+
+
+FP8_TOKEN_ALIGNMENT = {"mxfp8": 32}
+"""Tokens an FP8 GEMM's token dimension must be a multiple of, per recipe (others: 16), as
+megatron-core's ``fp8_utils.get_fp8_align_size`` states for TransformerEngine."""
+
+
+def padding_multiples(model: ModelConfig, parallelism: ParallelismConfig) -> tuple[int, int]:
+    """``(per sequence, per micro-batch row)``: the token multiples the actor pads to.
+
+    Each sequence: ``2 * CP * TP`` (the zigzag split's 2 * CP chunks, each split again over
+    the TP ranks by sequence parallelism). Each micro-batch row, with FP8: also a multiple of
+    ``align * CP * TP`` so that every rank's tokens, ``row / CP`` (``row / (CP * TP)`` under
+    sequence parallelism, where the FP8 inputs are cast before the all-gather), are a
+    multiple of the GEMM alignment ``align`` (16; 32 for mxfp8). A plain ``lcm(16, 2 * CP *
+    TP)`` would leave a rank's share of it unaligned whenever CP * TP > 1.
+    """
+    cp, tp = parallelism.context_parallel_size, parallelism.tensor_model_parallel_size
+    sequence = 2 * cp * tp
+    if model.fp8 is None:
+        return sequence, sequence
+    align = FP8_TOKEN_ALIGNMENT.get(model.fp8_recipe, 16)
+    return sequence, math.lcm(sequence, align * cp * tp)
+
+
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
+
+
+def check_actor_sections(
+    model: ModelConfig, parallelism: ParallelismConfig, optimizer: OptimizerConfig | None = None
+) -> None:
+    """The rules that span the sections the Megatron actor receives. :class:`FipoConfig` checks
+    them for a run; the Megatron code, which may be given the sections alone, calls this too
+    (without ``optimizer`` when it builds a model only)."""
+    _require(
+        not parallelism.sequence_parallel or model.spec == "te",
+        "parallelism.sequence_parallel=true needs model.spec='te' (megatron-core's local "
+        "norms do not support sequence parallelism)",
+    )
+    if optimizer is not None:
+        _require(
+            optimizer.optimizer == "adam" or not parallelism.use_distributed_optimizer,
+            f"optimizer.optimizer={optimizer.optimizer!r} needs parallelism."
+            "use_distributed_optimizer=false (Megatron's distributed optimizer is Adam)",
         )
 
 
@@ -602,6 +708,7 @@ class FipoConfig:
     """Metrics sinks."""
 
     def __post_init__(self) -> None:
+        check_actor_sections(self.model, self.parallelism, self.optimizer)
         self._check_lengths()
         self._check_devices()
         evals = [f"trainer.eval_freq={self.trainer.eval_freq}"] if self.trainer.eval_freq else []
@@ -636,17 +743,14 @@ class FipoConfig:
             f"by 2 * parallelism.context_parallel_size * tensor_model_parallel_size ({2 * cp * tp})",
         )
         limit = par.max_tokens_per_micro_batch
-        padded = -(-total // (2 * cp * tp)) * (2 * cp * tp)  # as the actor pads a row
+        sequence, row = padding_multiples(self.model, par)
+        padded = round_up(round_up(total, sequence), row)  # as the actor pads a row
         _require(
             limit is None or limit >= padded,
             f"parallelism.max_tokens_per_micro_batch ({limit}) must hold one full sequence: "
             f"rollout.max_prompt_length + max_response_length = {total}, padded to {padded} "
-            f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size)",
-        )
-        _require(
-            not par.sequence_parallel or self.model.spec == "te",
-            "parallelism.sequence_parallel=true needs model.spec='te' (megatron-core's local "
-            "norms do not support sequence parallelism)",
+            f"(a multiple of 2 * context_parallel_size * tensor_model_parallel_size"
+            f"{', and of the FP8 alignment' if row != sequence else ''})",
         )
         buffer = self.algorithm.overlong_buffer
         _require(

@@ -50,9 +50,13 @@ def _build(hf_dir: Path, tp: int, pp: int):
     from megatron_fipo.megatron import model as model_lib
 
     hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
-    parallel = dist_lib.ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    from megatron_fipo.config import ModelConfig
+    from megatron_fipo.megatron.check_parallel import layout
+
+    parallel = layout(tp=tp, pp=pp)
     dist_lib.init_distributed(parallel)
-    config = model_lib.transformer_config_from_hf(hf_config, parallel, dtype=torch.float32)
+    model = ModelConfig(hf_model_path=str(hf_dir), dtype="float32", spec="local")
+    config = model_lib.transformer_config_from_hf(hf_config, model, parallel)
     return hf_config, model_lib.build_model_chunks(hf_config, config)
 
 

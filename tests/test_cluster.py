@@ -279,15 +279,14 @@ class MegatronStep:
 
     def run(self) -> str:
         from megatron_fipo.megatron import check_parallel
-        from megatron_fipo.megatron.distributed import ParallelConfig
 
         settings = check_parallel.CheckSettings(num_layers=1)
         with tempfile.TemporaryFile(mode="w+") as sink, tempfile.TemporaryDirectory() as work:
             saved = os.dup(2)
             os.dup2(sink.fileno(), 2)
             try:
-                check_parallel.run_layout(ParallelConfig(), settings, work, True)  # saves
-                check_parallel.run_layout(ParallelConfig(), settings, work, False)  # loads
+                check_parallel.run_layout(check_parallel.layout(), settings, work, True)  # saves
+                check_parallel.run_layout(check_parallel.layout(), settings, work, False)  # loads
             finally:
                 sys.stderr.flush()
                 os.dup2(saved, 2)
@@ -315,12 +314,11 @@ def test_every_filtered_warning_is_real():
         "from megatron_fipo.megatron import cpu_compat\n"
         "cpu_compat.filter_known_warnings = lambda: None  # what follows runs unfiltered\n"
         "from megatron_fipo.megatron import check_parallel as cp\n"
-        "from megatron_fipo.megatron.distributed import ParallelConfig, free_port, "
-        "set_local_world_env\n"
+        "from megatron_fipo.megatron.distributed import free_port, set_local_world_env\n"
         "set_local_world_env(0, 1, free_port())\n"
         "work, settings = tempfile.mkdtemp(), cp.CheckSettings(num_layers=1)\n"
-        "cp.run_layout(ParallelConfig(), settings, work, True)\n"
-        "cp.run_layout(ParallelConfig(), settings, work, False)\n"
+        "cp.run_layout(cp.layout(), settings, work, True)\n"
+        "cp.run_layout(cp.layout(), settings, work, False)\n"
     )
     # -W default: DeprecationWarnings show too, as they do under pytest.
     command = [sys.executable, "-W", "default", "-c", code]

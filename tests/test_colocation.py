@@ -15,7 +15,6 @@ from megatron_harness import WorkerWorld
 
 from megatron_fipo.cluster.workers import EngineWorker, TrainWorker
 from megatron_fipo.megatron.check_parallel import CheckSettings, fixed_batch, tiny_hf_config
-from megatron_fipo.megatron.distributed import ParallelConfig
 
 ADAM = CheckSettings(optimizer="adam", num_layers=2)
 
@@ -31,8 +30,7 @@ def _two_steps(rank, world_size, offload_between):
     from megatron_fipo.megatron.actor import MegatronActor
     from megatron_fipo.megatron.distributed import destroy
 
-    actor_cfg, optim_cfg = ADAM.actor_configs()
-    actor = MegatronActor(tiny_hf_config(ADAM.num_layers), ParallelConfig(), actor_cfg, optim_cfg)
+    actor = MegatronActor(tiny_hf_config(ADAM.num_layers), *ADAM.sections(), seed=ADAM.seed)
     try:
         sizes = []
         for _ in range(2):

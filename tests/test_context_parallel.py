@@ -601,11 +601,12 @@ def _label_log_probs(logits, labels):
 
 def _build_model(context_parallel, state=None):
     from megatron_fipo.megatron import model as model_lib
-    from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
+    from megatron_fipo.megatron.check_parallel import layout, model_section
+    from megatron_fipo.megatron.distributed import init_distributed
 
-    parallel = ParallelConfig(context_parallel=context_parallel)
+    parallel = layout(cp=context_parallel)
     init_distributed(parallel, seed=5)
-    config = model_lib.transformer_config_from_hf(TINY_QWEN2, parallel)
+    config = model_lib.transformer_config_from_hf(TINY_QWEN2, model_section(TINY_QWEN2), parallel)
     model = model_lib.build_gpt_model(TINY_QWEN2, config)
     if state is not None:  # same weights as the reference (the core attention has none)
         with torch.no_grad():
@@ -685,8 +686,9 @@ def _own_attention_case(rank, world_size):
     """CP = 1 with our core attention on its fused (CUDA) kernels, forced on CPU, equals
     Megatron's DotProductAttention: logits and every parameter gradient."""
     from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.check_parallel import layout, model_section
     from megatron_fipo.megatron.cp_attention import ContextParallelAttention
-    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+    from megatron_fipo.megatron.distributed import destroy
 
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 200, (2, 40), generator=gen)
@@ -697,7 +699,7 @@ def _own_attention_case(rank, world_size):
     state = {n: p.detach().clone() for n, p in reference.named_parameters()}
     ref_logits = reference(ids, positions, mask)
     (ref_logits[..., :200] * weight).sum().backward()
-    config = model_lib.transformer_config_from_hf(TINY_QWEN2, ParallelConfig())
+    config = model_lib.transformer_config_from_hf(TINY_QWEN2, model_section(TINY_QWEN2), layout())
     ours = model_lib.build_gpt_model(TINY_QWEN2, config, own_attention=True)
     kernels = [m for m in ours.modules() if isinstance(m, ContextParallelAttention)]
     assert len(kernels) == TINY_QWEN2["num_hidden_layers"]

@@ -26,16 +26,22 @@ from megatron_fipo.megatron.check_parallel import (
     depths,
     fixed_batch,
     gathered_gradients,
+    layout,
     run_layout,
 )
-from megatron_fipo.megatron.distributed import ParallelConfig
 
 ADAM = CheckSettings(optimizer="adam", num_layers=4)
 SGD = CheckSettings(optimizer="sgd", num_layers=4)
 TIED_SGD = CheckSettings(optimizer="sgd", num_layers=4, tie_word_embeddings=True)
 # Dynamic batching: the fixed batch's sequences (6-31 tokens) in micro-batches of <= 64
-# padded tokens, so 2-5 rows of varying width each.
-DYNAMIC = dataclasses.replace(ADAM, max_tokens_per_micro_batch=64)
+# padded tokens, so 2-5 rows of varying width each ...
+DYNAMIC = dataclasses.replace(ADAM, max_tokens_per_micro_batch=64, packing=False)
+# ... or packed: 2-5 sequences in one row of <= 64 tokens (the default with a token budget).
+PACKED = dataclasses.replace(ADAM, max_tokens_per_micro_batch=64)
+# Packed rows of two sequences each, fixed micro-batch size.
+PACKED_FIXED = dataclasses.replace(ADAM, packing=True)
+# Gradient reduce and parameter all-gather overlapped (distributed optimizer, Adam).
+OVERLAP = dataclasses.replace(ADAM, overlap=True)
 
 
 def _layout_case(rank, world_size, parallel, settings, checkpoint_dir, reference, edit=None):
@@ -63,7 +69,7 @@ def references(world1, tmp_path_factory):
         key = dataclasses.astuple(settings)
         if key not in cache:
             directory = str(tmp_path_factory.mktemp("init") / "ckpt")
-            result = world1.run(_layout_case, ParallelConfig(), settings, directory, True)[0]
+            result = world1.run(_layout_case, layout(), settings, directory, True)[0]
             cache[key] = (result, directory)
         return cache[key]
 
@@ -80,13 +86,13 @@ def _check(reference, result, settings):
 @pytest.mark.parametrize(
     "parallel,settings",
     [
-        (ParallelConfig(tensor_parallel=2), SGD),
-        (ParallelConfig(pipeline_parallel=2), ADAM),
-        (ParallelConfig(data_parallel=2), SGD),
-        (ParallelConfig(data_parallel=2), ADAM),
-        (ParallelConfig(tensor_parallel=2), TIED_SGD),
-        (ParallelConfig(pipeline_parallel=2), TIED_SGD),
-        (ParallelConfig(context_parallel=2), SGD),
+        (layout(tp=2), SGD),
+        (layout(pp=2), ADAM),
+        (layout(), SGD),  # DP = 2 in a world of two
+        (layout(), ADAM),
+        (layout(tp=2), TIED_SGD),
+        (layout(pp=2), TIED_SGD),
+        (layout(cp=2), SGD),
     ],
     ids=[
         "tp2-sgd",
@@ -106,26 +112,22 @@ def test_layout_matches_single_process(world2, references, parallel, settings):
     assert reference["metrics"]["actor/grad_norm"] > 1e-3
 
 
-def test_mixed_tp2_pp2_and_vpp(references):
-    """TP=2 x PP=2, and PP=2 with two virtual stages x DP=2, in a world of four."""
+def test_mixed_layouts_in_a_world_of_four(references):
+    """TP=2 x PP=2; PP=2 with two virtual stages x DP=2; PP=2 x CP=2 with fixed micro-batches
+    (the pipeline's receive buffer was sized for 1/CP^2 of the row: seq_length was handed to
+    Megatron already divided by CP) and with packed rows; TP=2 x CP=2."""
     reference, directory = references(ADAM)
+    cases = [
+        (layout(tp=2, pp=2), ADAM),
+        (layout(pp=2, vpp=2), ADAM),  # DP = 2 in a world of four
+        (layout(pp=2, cp=2), ADAM),
+        (layout(pp=2, cp=2), PACKED),
+        (layout(tp=2, cp=2), ADAM),
+    ]
     with WorkerWorld(4) as world4:
-        mixed = world4.run(
-            _layout_case,
-            ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
-            ADAM,
-            directory,
-            False,
-        )[0]
-        interleaved = world4.run(
-            _layout_case,
-            ParallelConfig(pipeline_parallel=2, virtual_pipeline=2, data_parallel=2),
-            ADAM,
-            directory,
-            False,
-        )[0]
-    _check(reference, mixed, ADAM)
-    _check(reference, interleaved, ADAM)
+        results = [world4.run(_layout_case, par, s, directory, False)[0] for par, s in cases]
+    for (_, settings), result in zip(cases, results):
+        _check(reference, result, settings)
 
 
 def _drop_one_token(batch):
@@ -141,7 +143,7 @@ def test_a_dropped_token_fails_the_comparison(world2, references):
     at TP=2 (SGD, so the parameters are the gradients) fails the parameter and gradient-norm
     comparisons by a wide margin; the log-probs, computed before the step, still pass."""
     reference, directory = references(SGD)
-    tp2 = ParallelConfig(tensor_parallel=2)
+    tp2 = layout(tp=2)
     result = world2.run(_layout_case, tp2, SGD, directory, False, _drop_one_token)[0]
     named = {c.name.split(" ")[0]: c for c in compare(reference, result, SGD)}
     assert named["log_probs"].ok, named["log_probs"]
@@ -177,7 +179,7 @@ def test_rounding_noise_in_gradients_passes_under_adam(references):
     first step ``lr g / (|g| + eps)`` decided by that noise. The bound carried through Adam
     accepts it. (Exact zeros, embedding rows of absent tokens, stay zero in every layout.)"""
     reference, _ = references(ADAM)
-    _, optim = ADAM.actor_configs()
+    optim = ADAM.optimizer_section()
     adam = numerics.AdamStep(beta1=optim.adam_beta1, beta2=optim.adam_beta2, eps=optim.adam_eps)
     gen = torch.Generator().manual_seed(0)
     params = {}
@@ -203,10 +205,11 @@ def _save_after_step(rank, world_size, init_dir, save_dir, optimizer_format="dp_
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor_cfg = dataclasses.replace(actor_cfg, optimizer_checkpoint_format=optimizer_format)
     actor = MegatronActor(
-        _hf(settings), ParallelConfig(tensor_parallel=world_size), actor_cfg, optim_cfg
+        _hf(settings),
+        *settings.sections(layout(tp=world_size)),
+        seed=settings.seed,
+        optimizer_checkpoint_format=optimizer_format,
     )
     actor.load(init_dir, load_optimizer=False)
     first = actor.train_step(_batch_with_old(actor, settings)[0])
@@ -233,9 +236,8 @@ def _resume(rank, world_size, save_dir, parallel=None, load_optimizer=True):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    parallel = parallel or ParallelConfig(tensor_parallel=world_size)
-    actor = MegatronActor(_hf(settings), parallel, actor_cfg, optim_cfg)
+    parallel = parallel or layout(tp=world_size)
+    actor = MegatronActor(_hf(settings), *settings.sections(parallel), seed=settings.seed)
     actor.load(save_dir, load_optimizer=load_optimizer)
     steps = actor.num_steps
     return steps, _second_step(actor, settings)
@@ -245,8 +247,7 @@ def _load_weights(rank, world_size, save_dir):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(_hf(settings), ParallelConfig(), actor_cfg, optim_cfg)
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
     actor.load(save_dir, load_optimizer=False)
     return actor.compute_log_probs(fixed_batch(settings))
 
@@ -303,7 +304,7 @@ def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, refere
     _, init_dir = references(ADAM)
     save_dir = str(tmp_path / "actor")
     saved = world2.run(_save_after_step, init_dir, save_dir, "fully_reshardable")[0]
-    pp2 = ParallelConfig(pipeline_parallel=2)
+    pp2 = layout(pp=2)
     _check_resumed(saved, *world2.run(_resume, save_dir, pp2)[0])
     # Without the moments (weights only) the same step lands elsewhere: the check can fail.
     _, fresh = world2.run(_resume, save_dir, pp2, load_optimizer=False)[0]
@@ -316,43 +317,126 @@ def test_fully_reshardable_optimizer_resumes_under_another_layout(world2, refere
         assert "saved dp_reshardable" in message and "tensor_parallel 2 -> 1" in message, message
 
 
+@pytest.mark.parametrize("settings", [DYNAMIC, PACKED], ids=["padded", "packed"])
 @pytest.mark.parametrize(
-    "parallel",
+    "parallel,world_size",
     [
-        ParallelConfig(),
-        ParallelConfig(pipeline_parallel=2),
-        ParallelConfig(context_parallel=2),
-        ParallelConfig(tensor_parallel=2),
-        ParallelConfig(data_parallel=2),
+        (layout(), 1),
+        (layout(pp=2), 2),
+        (layout(cp=2), 2),
+        (layout(tp=2), 2),
+        (layout(), 2),
     ],
     ids=["single", "pp2-variable-shapes", "cp2", "tp2", "dp2"],
 )
-def test_dynamic_batching_matches_fixed_micro_batches(world1, world2, references, parallel):
-    """Token-budget micro-batches (sorted, each padded to its own longest row) give the same
-    log-probs, loss, gradient norm and updated weights as fixed two-row micro-batches."""
+def test_token_budget_batching_matches_fixed_micro_batches(
+    world1, world2, references, parallel, world_size, settings
+):
+    """Token-budget micro-batches, padded rows (sorted, each group padded to its own longest)
+    or packed rows (several sequences per row: attention, the future-KL scan and the sequence
+    drop per sequence), give the same log-probs, loss, gradient norm and updated weights as
+    fixed two-row padded micro-batches."""
     reference, directory = references(ADAM)
-    world = (
-        world1 if parallel.model_parallel_size == 1 and parallel.data_parallel is None else world2
+    world = world1 if world_size == 1 else world2
+    result = world.run(_layout_case, parallel, settings, directory, False)[0]
+    _check(reference, result, settings)
+    assert (
+        result["metrics"]["actor/dropped_seqs_mean"]
+        == reference["metrics"]["actor/dropped_seqs_mean"]
     )
-    _check(reference, world.run(_layout_case, parallel, DYNAMIC, directory, False)[0], DYNAMIC)
 
 
-def test_dynamic_batching_plan():
-    """Every row exactly once, longest first, within the budget; a row over it is named."""
-    from megatron_fipo.megatron.actor import ActorConfig, plan_micro_batches
+def test_packed_fixed_size_micro_batches_match(world1, references):
+    """Fixed micro_batch_size with packing=true: two sequences per packed row."""
+    reference, directory = references(ADAM)
+    result = world1.run(_layout_case, layout(), PACKED_FIXED, directory, False)[0]
+    _check(reference, result, PACKED_FIXED)
 
-    config = ActorConfig(max_tokens_per_micro_batch=48)
-    lengths = torch.tensor([5, 30, 9, 17, 3, 12, 44, 8])
-    plan = plan_micro_batches(lengths, config, cp=2, tp=1)
-    rows = torch.cat([r for r, _ in plan])
-    assert sorted(rows.tolist()) == list(range(8))
-    assert lengths[rows].tolist() == sorted(lengths.tolist(), reverse=True)
-    for group, common in plan:
-        assert common % 4 == 0 and common >= int(lengths[group].max())
-        assert len(group) * common <= 48
-    assert [len(g) for g, _ in plan] == [1, 1, 2, 4]  # 44 | 30 | 17+12 | 9+8+5+3
-    with pytest.raises(ValueError, match="exceeds max_tokens_per_micro_batch=48"):
-        plan_micro_batches(torch.tensor([10, 49]), config, cp=2, tp=1)  # 49 pads to 52 for CP = 2
+
+def _steps_then_weights(rank, world_size, init_dir, settings):
+    """Two optimizer steps from the initial weights; then the weights as weight sync reads
+    them (full HF tensors, rank 0) and the log-probs of the batch."""
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.distributed import destroy
+    from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
+    try:
+        actor.load(init_dir, load_optimizer=False)
+        metrics = [actor.train_step(_batch_with_old(actor, settings)[0]) for _ in range(2)]
+        sync = WeightSync(actor.named_parameters_for_sync, _hf(settings), WeightSyncConfig())
+        weights = {name: tensor.clone() for name, tensor in sync.iter_hf_tensors()}
+        return metrics, weights, actor.compute_log_probs(fixed_batch(settings))
+    finally:
+        destroy()
+
+
+def test_overlapped_grad_reduce_and_param_gather_match(world2, references):
+    """DP=2 with the distributed optimizer: overlapping the gradient reduce with the backward
+    and the parameter all-gather with the next forward matches the single process; after two
+    steps the weights weight sync reads are the ones the plain run has (the all-gather still
+    pending after a step is finished first: each rank would otherwise send the other's half
+    of the update stale) and so are the log-probs."""
+    reference, directory = references(ADAM)
+    _check(reference, world2.run(_layout_case, layout(), OVERLAP, directory, False)[0], OVERLAP)
+    plain_steps, plain_weights, plain = world2.run(_steps_then_weights, directory, ADAM)[0]
+    overlap_steps, weights, overlapped = world2.run(_steps_then_weights, directory, OVERLAP)[0]
+    assert overlap_steps == plain_steps
+    assert weights.keys() == plain_weights.keys()
+    assert all(torch.equal(weights[name], plain_weights[name]) for name in weights)
+    forward_depth, _ = depths(ADAM)
+    after = numerics.compare_tensors("log_probs after two steps", overlapped, plain, forward_depth)
+    assert after.ok, after
+
+
+def _metric_reduction(rank, world_size):
+    """Rank-dependent metric dicts through the actor's reduction, counting collectives."""
+    import torch.distributed as dist
+
+    from megatron_fipo.megatron import actor as actor_lib
+    from megatron_fipo.megatron.distributed import destroy, init_distributed
+
+    init_distributed(layout())
+    names = ("all_reduce", "all_gather_single", "all_gather", "broadcast", "all_gather_object")
+    calls = []
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    outputs = [
+        {
+            f"actor/x{i}_sum": torch.tensor(float(rank + i), dtype=torch.float64),
+            f"actor/x{i}_count": torch.tensor(2.0, dtype=torch.float64),
+            f"actor/y{i}_max": torch.tensor(float(rank - i)),
+            f"actor/y{i}_min": torch.tensor(float(rank - i)),
+            "actor/loss_sum": torch.tensor(0.5 * (rank + 1), dtype=torch.float64),
+        }
+        for i in range(12)
+    ]
+    try:
+        for name in names:
+            setattr(dist, name, counted(name))
+        result = actor_lib.reduce_metrics(outputs, torch.device("cpu"))
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        destroy()
+    return calls, result
+
+
+def test_metrics_are_reduced_in_one_collective(world2):
+    """49 metric keys over two DP ranks: one collective (it was one all-reduce per key), and
+    each key still reduced by its suffix."""
+    for calls, result in world2.run(_metric_reduction):
+        assert calls == ["all_gather_single"], calls
+        assert result["actor/x3_mean"] == (3 + 4) * 12 / (2 * 2 * 12)  # sums over ranks / counts
+        assert result["actor/y3_max"] == 1 - 3 and result["actor/y3_min"] == -3
+        assert result["actor/loss"] == 0.5 * 12 + 1.0 * 12
 
 
 def _entropy_bonus_case(rank, world_size, coeff):
@@ -360,8 +444,7 @@ def _entropy_bonus_case(rank, world_size, coeff):
     from megatron_fipo.megatron.actor import MegatronActor
 
     settings = ADAM
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(_hf(settings), ParallelConfig(), actor_cfg, optim_cfg)
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
     batch = _batch_with_old(actor, settings)[0]
     batch.loss_config = PolicyLossConfig(entropy_coeff=coeff)
     metrics = actor.train_step(batch)
@@ -385,3 +468,101 @@ def test_entropy_bonus_enters_the_loss(world1):
     assert abs(bonus["actor/entropy_mean"] - plain["actor/entropy_mean"]) <= same_entropy
     changed = numerics.compare_tensors("log_probs", after_bonus, after_plain, forward_depth)
     assert not changed.ok, changed
+
+
+def _train_worker_sections(rank, world_size):
+    from pathlib import Path
+
+    from megatron_fipo.cluster.workers import TrainWorker
+    from megatron_fipo.config import load_config
+    from megatron_fipo.megatron.distributed import destroy
+
+    tiny = Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"
+    overrides = ["model.hf_model_path=null", "model.logprob_chunk_size=8"]
+    overrides += ["optimizer.lr_decay_style=cosine", "optimizer.lr_decay_steps=7"]
+    config = load_config(tiny, overrides)
+    actor = TrainWorker(config).actor
+    try:
+        return (
+            actor.model_config is config.model,
+            actor.parallelism is config.parallelism,
+            actor.optimizer_config is config.optimizer,
+            actor.scheduler.lr_decay_steps,
+            actor.temperature == config.rollout.temperature,
+        )
+    finally:
+        destroy()
+
+
+def test_the_training_rank_hands_the_actor_its_config_sections(world1):
+    """One config layer: the actor holds the run config's sections themselves (no field-by-field
+    copy with defaults of its own); the optimizer's decay horizon reaches the scheduler."""
+    assert world1.run(_train_worker_sections)[0] == (True, True, True, 7, True)
+
+
+def _head_input_dtype(rank, world_size):
+    """The dtype of the hidden states that reach a bf16 actor's vocab head."""
+    from megatron_fipo.megatron import actor as actor_lib
+    from megatron_fipo.megatron.check_parallel import model_section
+    from megatron_fipo.megatron.distributed import destroy
+
+    seen = []
+    original = actor_lib.vocab_head
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(hidden.dtype)
+        return original(hidden, *args, **kwargs)
+
+    settings = ADAM
+    _, parallel, optimizer = settings.sections()
+    hf = _hf(settings)
+    actor = actor_lib.MegatronActor(
+        hf, model_section(hf, dtype="bfloat16"), parallel, optimizer, seed=settings.seed
+    )
+    actor_lib.vocab_head = spy
+    try:
+        actor.compute_log_probs(fixed_batch(settings))
+    finally:
+        actor_lib.vocab_head = original
+        destroy()
+    return seen
+
+
+def test_bf16_actor_hands_bf16_hidden_states_to_the_vocab_head(world1):
+    """megatron-core's Float16Module upcasts the last stage's output to fp32 by default, so the
+    head saw fp32 and its GEMMs never took the bf16 path; the actor now asks for the model's
+    own dtype."""
+    seen = world1.run(_head_input_dtype)[0]
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+def _masks_and_kernels(rank, world_size, settings):
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.cp_attention import ContextParallelAttention
+    from megatron_fipo.megatron.distributed import destroy
+
+    actor = MegatronActor(_hf(settings), *settings.sections(), seed=settings.seed)
+    try:
+        micro_batches = actor._micro_batches(fixed_batch(settings), with_training_data=False)
+        actor.compute_log_probs(fixed_batch(settings))
+        kernels = {
+            module.last_kernel
+            for chunk in actor.model
+            for module in chunk.modules()
+            if isinstance(module, ContextParallelAttention)
+        }
+        masks = [micro.attention_mask is not None for micro in micro_batches]
+        packed = [micro.packed_seq_params is not None for micro in micro_batches]
+        return masks, packed, kernels
+    finally:
+        destroy()
+
+
+def test_dense_masks_only_for_megatrons_own_attention(world1):
+    """Packed rows go through our attention, one sequence at a time, and build no [S, S] mask;
+    padded rows at CP = 1 on CPU still use Megatron's DotProductAttention, which needs one
+    (on CUDA they take our flash path, which needs none: ``model.uses_own_attention``)."""
+    masks, packed, kernels = world1.run(_masks_and_kernels, PACKED)[0]
+    assert all(packed) and not any(masks) and kernels == {"per_sequence_fused"}
+    masks, packed, kernels = world1.run(_masks_and_kernels, ADAM)[0]
+    assert all(masks) and not any(packed) and kernels == set()

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from megatron_fipo.megatron.distributed import ParallelConfig
+from megatron_fipo.config import ConfigError, ModelConfig
+from megatron_fipo.megatron.check_parallel import layout
+from megatron_fipo.megatron.distributed import data_parallel_size
 from megatron_fipo.megatron.model import (
     layer_spec,
     padded_vocab_size,
@@ -31,6 +33,11 @@ LLAMA = dict(
 )  # fmt: skip
 
 
+def _cpu_model(**fields) -> ModelConfig:
+    """The model section with the local spec (the checkpoint path is never read here)."""
+    return ModelConfig(hf_model_path="unused", **{"dtype": "float32", "spec": "local", **fields})
+
+
 @pytest.mark.parametrize(
     "vocab,tp,expected",
     [(151936, 1, 151936), (151936, 8, 152576), (300, 1, 384), (300, 2, 512), (256, 2, 256)],
@@ -46,7 +53,7 @@ def test_padded_vocab_size_rejects_bad_input():
 
 
 def test_qwen2_mapping():
-    config = transformer_config_from_hf(QWEN, ParallelConfig(tensor_parallel=2))
+    config = transformer_config_from_hf(QWEN, _cpu_model(), layout(tp=2))
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (24, 896, 4864)
     assert (config.num_attention_heads, config.num_query_groups, config.kv_channels) == (14, 2, 64)
     assert config.add_qkv_bias and not config.add_bias_linear and config.gated_linear_unit
@@ -55,7 +62,7 @@ def test_qwen2_mapping():
 
 
 def test_llama_mapping_and_rope_scaling():
-    config = transformer_config_from_hf(LLAMA, ParallelConfig(), dtype=torch.bfloat16)
+    config = transformer_config_from_hf(LLAMA, _cpu_model(dtype="bfloat16"), layout())
     assert not config.add_qkv_bias and config.kv_channels == 32 and config.bf16
     assert rope_scaling_factor(LLAMA) == 8.0
     assert rope_scaling_factor(QWEN) is None
@@ -63,15 +70,15 @@ def test_llama_mapping_and_rope_scaling():
 
 def test_unsupported_inputs_are_named():
     with pytest.raises(ValueError, match="model_type"):
-        transformer_config_from_hf({**QWEN, "model_type": "gpt2"}, ParallelConfig())
+        transformer_config_from_hf({**QWEN, "model_type": "gpt2"}, _cpu_model(), layout())
     with pytest.raises(ValueError, match="rope_scaling"):
         rope_scaling_factor({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="fp8"):
-        transformer_config_from_hf(QWEN, ParallelConfig(), fp8="hybrid", spec="local")
+    with pytest.raises(ConfigError, match="model.fp8='hybrid' needs model.spec='te'"):
+        _cpu_model(fp8="hybrid")
     with pytest.raises(ValueError, match="spec"):
         layer_spec("fast")
-    with pytest.raises(ValueError, match="world size"):
-        ParallelConfig(tensor_parallel=2, pipeline_parallel=2).resolve_data_parallel(6)
+    with pytest.raises(ValueError, match="world size 6 is not divisible"):
+        data_parallel_size(layout(tp=2, pp=2), 6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -114,9 +121,6 @@ def test_cpu_compat_is_idempotent_and_redirects():
 
 
 def test_sequence_parallel_needs_the_te_spec():
-    from megatron_fipo.megatron.distributed import ParallelConfig
-    from megatron_fipo.megatron.model import transformer_config_from_hf
-
     hf = dict(
         model_type="qwen2",
         vocab_size=64,
@@ -126,11 +130,11 @@ def test_sequence_parallel_needs_the_te_spec():
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    parallel = ParallelConfig(tensor_parallel=2, sequence_parallel=True)
-    with pytest.raises(ValueError, match="sequence_parallel=True needs spec='te'"):
-        transformer_config_from_hf(hf, parallel, spec="local")
-    with pytest.raises(ValueError, match="sequence_parallel needs tensor_parallel >= 2"):
-        ParallelConfig(sequence_parallel=True)
+    parallel = layout(tp=2, sequence_parallel=True)
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs model.spec='te'"):
+        transformer_config_from_hf(hf, _cpu_model(), parallel)
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs tensor_model_parallel"):
+        layout(sequence_parallel=True)
 
 
 def test_rope_base_and_scaling_from_transformers_5_configs():

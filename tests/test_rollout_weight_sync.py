@@ -48,9 +48,11 @@ def scenario(rank, world_size):
     import torch.distributed as dist
 
     from megatron_fipo.algorithms.losses import PolicyLossConfig
+    from megatron_fipo.config import OptimizerConfig
     from megatron_fipo.megatron import checkpoint
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
+    from megatron_fipo.megatron.distributed import destroy
     from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
     from megatron_fipo.rollout.hf_engine import HFRolloutEngine
     from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
@@ -58,10 +60,11 @@ def scenario(rank, world_size):
     hf = hf_config()
     actor = MegatronActor(
         hf,
-        ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
-        ActorConfig(micro_batch_size=16, logprob_chunk_size=16, seed=3),
-        ActorOptimizerConfig(lr=1e-2, lr_warmup_steps=0),
+        model_section(hf, logprob_chunk_size=16),
+        layout(tp=2, pp=2, micro_batch_size=16),
+        OptimizerConfig(lr=1e-2, lr_warmup_steps=0),
         PolicyLossConfig(mode="fipo"),
+        seed=3,
     )
     sync = WeightSync(
         actor.named_parameters_for_sync, hf, WeightSyncConfig(bucket_bytes=BUCKET_BYTES)
@@ -115,13 +118,14 @@ def scenario(rank, world_size):
 def data_parallel_scenario(rank, world_size):
     """TP = 2, DP = 2: only the DP-rank-0 replica moves weights; the engine gets all of them."""
     from megatron_fipo.megatron import checkpoint
-    from megatron_fipo.megatron.actor import ActorConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
+    from megatron_fipo.megatron.distributed import destroy
     from megatron_fipo.rollout.hf_engine import HFRolloutEngine
     from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
 
     hf = hf_config()
-    actor = MegatronActor(hf, ParallelConfig(tensor_parallel=2), ActorConfig(seed=4))
+    actor = MegatronActor(hf, model_section(hf), layout(tp=2), seed=4)
     sync = WeightSync(
         actor.named_parameters_for_sync, hf, WeightSyncConfig(bucket_bytes=BUCKET_BYTES)
     )

@@ -29,6 +29,11 @@ def _smoke(rank, world_size):
                 "--rollout-tokens=4",
                 "--profile-micro-batch-sizes",
                 "1",
+                "--packed-lengths",
+                "20",
+                "200",
+                "--packed-sequences=6",
+                "--packed-steps=1",
             ]
         )
     return code, out.getvalue(), sorted(gpu_check.PARTS)
@@ -44,4 +49,10 @@ def test_every_part_runs_in_smoke_mode():
     # part names in the output: the actor part reports actor_step and sync_rollout
     assert {"cp_scan", "attention", "model_attention", "logprob_memory", "profile"} <= seen
     assert {"actor_step", "sync_rollout", "actor_long", "future_kl_cuda"} <= seen
-    assert code == 0 and len(parts) == 8
+    assert {"side_by_side", "packed_vs_padded", "packed_attention"} <= seen
+    by_part = {line["part"]: line for line in lines[1:]}
+    # Packed rows compute fewer tokens than padded rows of the same long-tailed batch.
+    packed = by_part["packed_vs_padded"]
+    assert packed["packed"]["computed_tokens"] < packed["padded"]["computed_tokens"]
+    assert by_part["side_by_side"]["ratio_tokens_per_s"] > 0
+    assert code == 0 and len(parts) == 11

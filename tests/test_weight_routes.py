@@ -30,7 +30,9 @@ class InspectedTrainWorker(TrainWorker):
         return {name: t.clone() for name, t in self.weight_sync.iter_hf_tensors()}
 
     def change_weights(self, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed + self.actor.parallel.tensor_parallel)
+        generator = torch.Generator().manual_seed(
+            seed + self.actor.parallelism.tensor_model_parallel_size
+        )
         for shard in self.actor.named_parameters_for_sync():
             shard.tensor.data.add_(torch.randn(shard.tensor.shape, generator=generator) * 0.01)
 

@@ -347,7 +347,6 @@ def narrow_hf_config(config: AblationConfig) -> dict:
         rope_theta=1000000.0,
         max_position_embeddings=max(config.actor_lengths),
         tie_word_embeddings=False,
-        initializer_range=0.02,
     )
 
 
@@ -377,8 +376,10 @@ def actor_rows(config: AblationConfig, cp_size: int) -> list[Measurement]:
     errors hit every rank alike, so no rank is left waiting in a collective.
     """
     from megatron_fipo.algorithms.losses import PolicyLossConfig
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig, destroy
+    from megatron_fipo.config import OptimizerConfig
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
+    from megatron_fipo.megatron.distributed import destroy
 
     rows = [
         Measurement(bench="actor", variant="train_step", length=length, cp_size=cp_size)
@@ -386,12 +387,14 @@ def actor_rows(config: AblationConfig, cp_size: int) -> list[Measurement]:
     ]
     device = torch.device("cpu")
     try:
+        hf = narrow_hf_config(config)
         actor = MegatronActor(
-            narrow_hf_config(config),
-            ParallelConfig(context_parallel=cp_size),
-            ActorConfig(logprob_chunk_size=config.logprob_chunk_size),
-            ActorOptimizerConfig(lr=1e-5, lr_warmup_steps=0),
+            hf,
+            model_section(hf, logprob_chunk_size=config.logprob_chunk_size),
+            layout(cp=cp_size),
+            OptimizerConfig(lr=1e-5, lr_warmup_steps=0),
             PolicyLossConfig(mode="fipo"),
+            seed=1234,
         )
         for row in rows:
             # Local-spec attention keeps fp32 scores, probabilities and their gradients

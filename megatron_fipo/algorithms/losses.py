@@ -167,8 +167,8 @@ def compute_policy_loss(
     dual_bound = -scaled_adv * config.clip_ratio_c
     per_token = torch.where(scaled_adv < 0, torch.minimum(loss_clip, dual_bound), loss_clip)
     kept = mask
-    num_seqs = log_probs.shape[0]
-    dropped = torch.zeros(num_seqs, dtype=torch.bool, device=log_probs.device)
+    num_seqs = torch.tensor(float(log_probs.shape[0]), dtype=torch.float64)
+    num_dropped = torch.zeros((), dtype=torch.float64, device=log_probs.device)
     if config.mode == "fipo":
         offending = ((adv < 0) & (loss_clip.detach() > dual_bound) & (mask > 0)).to(dtype)
         if sequence_sum_fn is None:
@@ -176,8 +176,15 @@ def compute_policy_loss(
         else:
             in_sequence = sequence_sum_fn(offending)
         drop_token = in_sequence > 1
-        dropped = (drop_token & (mask > 0)).any(-1)
         kept = mask * (~drop_token).to(mask.dtype)
+        if sequence_sum_fn is None:
+            num_dropped = (drop_token & (mask > 0)).any(-1).sum().to(torch.float64)
+        else:
+            # Rows are not sequences (packed rows, CP chunks): count each sequence once, by
+            # its response tokens, each carrying 1 / the sequence's response length.
+            share = mask.double() / sequence_sum_fn(mask).double().clamp(min=1.0)
+            num_seqs = share.sum()
+            num_dropped = (share * drop_token).sum()
     num_kept = kept.sum()
     divisor = num_tokens if num_tokens is not None else num_kept.clamp(min=1.0)
     loss = (per_token * kept).sum() / divisor
@@ -188,8 +195,8 @@ def compute_policy_loss(
     stats.update(_extremes("actor/ratio", ratio.detach(), tokens))
     stats["actor/pg_loss_sum"] = (per_token.detach() * kept).sum()
     stats["actor/kept_tokens_sum"] = num_kept.detach()
-    stats["actor/dropped_seqs_sum"] = dropped.sum().to(torch.float64)
-    stats["actor/dropped_seqs_count"] = torch.tensor(float(num_seqs), dtype=torch.float64)
+    stats["actor/dropped_seqs_sum"] = num_dropped
+    stats["actor/dropped_seqs_count"] = num_seqs.to(num_dropped.device)
     if config.mode == "fipo":
         stats.update(_sum_count("fipo/weight", f, tokens))
         stats.update(_extremes("fipo/weight", f, tokens))

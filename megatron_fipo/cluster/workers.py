@@ -44,52 +44,20 @@ class TrainWorker:
     """One Megatron rank: old log-probs, mini-batch updates, weight sync, checkpoints."""
 
     def __init__(self, config: FipoConfig, init_checkpoint: str | None = None) -> None:
-        from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-        from megatron_fipo.megatron.distributed import ParallelConfig
+        from megatron_fipo.megatron.actor import MegatronActor
         from megatron_fipo.rollout.weight_sync import WeightSync, WeightSyncConfig
 
         torch.manual_seed(config.trainer.seed)
         self.hf_config = hf_config_of(config)
-        par = config.parallelism
-        optim = config.optimizer
         self.actor = MegatronActor(
             self.hf_config,
-            ParallelConfig(
-                tensor_parallel=par.tensor_model_parallel_size,
-                pipeline_parallel=par.pipeline_model_parallel_size,
-                virtual_pipeline=par.virtual_pipeline_model_parallel_size,
-                context_parallel=par.context_parallel_size,
-                sequence_parallel=par.sequence_parallel,
-            ),
-            ActorConfig(
-                dtype=config.model.dtype,
-                spec=config.model.spec,
-                fp8=config.model.fp8,
-                fp8_recipe=config.model.fp8_recipe,
-                fp8_param=config.model.fp8_param,
-                micro_batch_size=par.micro_batch_size,
-                max_tokens_per_micro_batch=par.max_tokens_per_micro_batch,
-                use_distributed_optimizer=par.use_distributed_optimizer,
-                temperature=config.rollout.temperature or 1.0,
-                recompute_granularity=config.model.recompute_granularity,
-                recompute_method=config.model.recompute_method,
-                recompute_num_layers=config.model.recompute_num_layers,
-                seed=config.trainer.seed,
-                optimizer_checkpoint_format=config.trainer.optimizer_checkpoint_format,
-            ),
-            ActorOptimizerConfig(
-                lr=optim.lr,
-                min_lr=optim.min_lr,
-                lr_warmup_steps=optim.lr_warmup_steps,
-                lr_decay_style=optim.lr_decay_style,
-                lr_decay_steps=optim.lr_decay_steps,
-                weight_decay=optim.weight_decay,
-                adam_beta1=optim.adam_beta1,
-                adam_beta2=optim.adam_beta2,
-                adam_eps=optim.adam_eps,
-                clip_grad=optim.clip_grad,
-            ),
+            config.model,
+            config.parallelism,
+            config.optimizer,
             loss_config_of(config),
+            temperature=config.rollout.temperature,
+            seed=config.trainer.seed,
+            optimizer_checkpoint_format=config.trainer.optimizer_checkpoint_format,
         )
         if init_checkpoint:
             self.actor.load(init_checkpoint, load_optimizer=False)

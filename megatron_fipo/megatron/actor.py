@@ -10,25 +10,26 @@ before the first micro-batch. Megatron is told ``calculate_per_token_loss`` and 
 finaliser gets no token count, so neither the schedule nor DDP rescale: DDP sums gradients
 over DP x CP, and the result equals the single-process gradient of the token-mean loss.
 
-Micro-batches: ``micro_batch_size`` consecutive sequences, all padded to the batch's longest;
-or, with ``max_tokens_per_micro_batch`` (dynamic batching, what long-CoT RL needs: responses
-of 1k and 20k tokens in one batch), sequences sorted longest first and grouped while rows x
-the group's longest stays within the token budget, each group padded to its own longest
-(pipeline stages then exchange shapes). Results return in the caller's order.
+Micro-batches (:mod:`~megatron_fipo.megatron.micro_batches`): fixed groups of
+``micro_batch_size`` sequences, or token-budget groups (``max_tokens_per_micro_batch``,
+what long-CoT RL needs: responses of 1k and 20k tokens in one batch); each is one padded row
+per sequence or, with ``parallelism.packing`` (on with the token budget), one packed row with
+the sequence boundaries in ``cu_seqlens``. Pipeline stages exchange shapes when they vary.
+Results return in the caller's order.
 
-Data flow per micro-batch: :mod:`megatron_fipo.megatron.context_parallel` lays the sequences
-out (one padded row per sequence, the zigzag split over CP ranks, next-token targets taken
-from the full sequence; CP = 1 is the same code with one chunk pair); the model returns
-final hidden states
-(:func:`model.hidden_states_only`), and :func:`logprobs.chunked_log_probs` turns them into
-log-probs of the next tokens without materialising ``[S, V]`` logits.
+Data flow per micro-batch: :mod:`~megatron_fipo.megatron.context_parallel` lays the sequences
+out (the zigzag split over CP ranks, next-token targets taken from the full sequence; CP = 1
+is the same code with one chunk pair); the model returns final hidden states
+(:func:`model.hidden_states_only`, in the model's dtype: the bf16 wrapper's fp32 upcast is
+off), and :func:`logprobs.chunked_log_probs` turns them into log-probs of the next tokens
+without materialising ``[S, V]`` logits. The future-KL scan and FIPO's sequence drop run per
+sequence whenever a row holds several sequences (packed) or part of one (CP).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,147 +38,23 @@ import torch.distributed as dist
 from megatron_fipo.algorithms import metrics as metric_utils
 from megatron_fipo.algorithms.losses import PolicyLossConfig, compute_policy_loss
 from megatron_fipo.batch import ActorBatch
-from megatron_fipo.megatron import checkpoint, context_parallel
+from megatron_fipo.config import (
+    ModelConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    check_actor_sections,
+)
+from megatron_fipo.megatron import checkpoint
 from megatron_fipo.megatron import model as model_lib
-from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
-from megatron_fipo.megatron.logprobs import DEFAULT_CHUNK_SIZE, chunked_log_probs
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(kw_only=True, slots=True)
-class ActorConfig:
-    """Model-side knobs of the actor (the HF config gives the architecture)."""
-
-    dtype: str = "float32"
-    """Parameter / compute dtype: float32 (CPU), bfloat16 (GPU)."""
-    spec: str = "local"
-    """Layer spec: ``local`` (Megatron-core modules, CPU ok) or ``te`` (TransformerEngine)."""
-    fp8: str | None = None
-    """FP8 format with the TE spec: None, ``e4m3`` or ``hybrid``."""
-    fp8_recipe: str = "delayed"
-    """FP8 recipe: delayed / tensorwise / blockwise / mxfp8."""
-    fp8_param: bool = False
-    """Keep the TE weights themselves in FP8 (needs ``fp8``)."""
-    micro_batch_size: int = 1
-    """Sequences per micro-batch (when ``max_tokens_per_micro_batch`` is None); every row is
-    padded to the batch's longest sequence."""
-    max_tokens_per_micro_batch: int | None = None
-    """Dynamic batching: sequences sorted by length are grouped into micro-batches of at most
-    this many padded tokens (rows x the group's longest sequence), so short responses are not
-    padded to the longest one of the batch. Must hold the longest sequence."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state over DP (Megatron's distributed optimizer)."""
-    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Token positions per log-prob chunk: extra memory is chunk x vocab / TP floats."""
-    temperature: float = 1.0
-    """Sampling temperature the rollout used; logits are divided by it."""
-    recompute_granularity: str | None = None
-    """Activation recomputation: None, ``full`` or ``selective``."""
-    recompute_method: str | None = None
-    """With ``full``: ``uniform`` (default) or ``block``."""
-    recompute_num_layers: int | None = None
-    """With ``full``: layers per recompute group (``uniform``, default 1) or recomputed layers
-    per pipeline stage (``block``)."""
-    seed: int = 1234
-    """Seed of the weight initialisation and Megatron's RNG tracker."""
-    optimizer_checkpoint_format: str = "dp_reshardable"
-    """How :meth:`MegatronActor.save` writes the distributed optimizer's state:
-    ``dp_reshardable`` (fast, no communication; resumes under the same TP / PP) or
-    ``fully_reshardable`` (gathered per DP group; resumes under any TP / PP / DP)."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.fp8_param and self.fp8 is None:
-            raise ValueError("fp8_param=True needs fp8 ('e4m3' or 'hybrid')")
-        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
-            raise ValueError(
-                f"max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}"
-            )
-        if self.optimizer_checkpoint_format not in checkpoint.OPTIMIZER_FORMATS:
-            raise ValueError(
-                f"optimizer_checkpoint_format must be one of {checkpoint.OPTIMIZER_FORMATS}, "
-                f"got {self.optimizer_checkpoint_format!r}"
-            )
-        if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(
-                "recompute_granularity must be None, 'full' or 'selective', got "
-                f"{self.recompute_granularity!r}"
-            )
-        if self.recompute_granularity == "full":
-            # Megatron refuses full recomputation without a method; one layer per group
-            # keeps only each layer's input (the usual long-context setting).
-            self.recompute_method = self.recompute_method or "uniform"
-            if self.recompute_num_layers is None:
-                self.recompute_num_layers = 1
-        elif self.recompute_method is not None or self.recompute_num_layers is not None:
-            raise ValueError(
-                "recompute_method / recompute_num_layers need recompute_granularity='full'"
-            )
-
-
-@dataclass(kw_only=True, slots=True)
-class ActorOptimizerConfig:
-    """Optimizer and LR schedule (field names match the config file's ``optimizer`` section)."""
-
-    optimizer: str = "adam"
-    """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 10
-    """Linear warm-up from 0 over this many optimizer steps."""
-    lr_decay_style: str = "constant"
-    """constant / cosine / linear after warm-up."""
-    lr_decay_steps: int | None = None
-    """Decay horizon in optimizer steps (None: warm-up + 1, i.e. constant after warm-up)."""
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    sgd_momentum: float = 0.0
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.lr_decay_style not in ("constant", "cosine", "linear"):
-            raise ValueError(
-                f"lr_decay_style must be constant/cosine/linear, got {self.lr_decay_style!r}"
-            )
-
-
-@dataclass(kw_only=True, slots=True)
-class MicroBatch:
-    """One micro-batch as this CP rank feeds it to the model and the loss (device tensors).
-
-    ``tokens`` / ``position_ids`` / ``targets``: ``[mbs, S_local]`` (targets: the next token
-    of each position); the training fields are label aligned ``[mbs, S_local]``; ``rows``: the
-    sequences' rows in the actor's batch (>= its size: fixed-size padding rows).
-    """
-
-    rows: torch.Tensor
-    tokens: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    """Causal mask for Megatron's local softmax (CP = 1); None when our CP attention masks."""
-    targets: torch.Tensor
-    layout: context_parallel.SequenceLayout
-    cp_group: Any
-    prompt_lengths: torch.Tensor
-    response_lengths: torch.Tensor
-    response_mask: torch.Tensor | None = None
-    old_log_probs: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    future_sum_fn: Any = None
-    """The CP reverse scan (None: one rank holds the whole sequence)."""
-    sequence_sum_fn: Any = None
-    """The CP per-sequence sum (None with CP = 1)."""
+from megatron_fipo.megatron.distributed import init_distributed
+from megatron_fipo.megatron.logprobs import vocab_head
+from megatron_fipo.megatron.micro_batches import (
+    MicroBatch,
+    build_micro_batch,
+    pad_batch,
+    plan_micro_batches,
+    response_columns,
+)
 
 
 class MegatronActor:
@@ -186,40 +63,57 @@ class MegatronActor:
     def __init__(
         self,
         hf_config: Any,
-        parallel: ParallelConfig,
-        actor: ActorConfig | None = None,
-        optimizer: ActorOptimizerConfig | None = None,
+        model: ModelConfig,
+        parallelism: ParallelismConfig,
+        optimizer: OptimizerConfig | None = None,
         loss: PolicyLossConfig | None = None,
+        *,
+        temperature: float = 1.0,
+        seed: int = 42,
+        optimizer_checkpoint_format: str = "dp_reshardable",
     ) -> None:
+        """``hf_config``: the architecture that runs (the checkpoint's config.json, or the
+        inline ``model.architecture``); ``model`` / ``parallelism`` / ``optimizer``: those
+        sections of the run config, as they are; ``loss``: the algorithm section's policy loss.
+        ``temperature``: the rollout's sampling temperature (logits are divided by it);
+        ``seed``: weight init and Megatron's RNG; ``optimizer_checkpoint_format``: how
+        :meth:`save` writes the distributed optimizer's state (``trainer`` section)."""
+        self.optimizer_config = optimizer or OptimizerConfig()
+        check_actor_sections(model, parallelism, self.optimizer_config)
+        if optimizer_checkpoint_format not in checkpoint.OPTIMIZER_FORMATS:
+            raise ValueError(
+                f"optimizer_checkpoint_format must be one of {checkpoint.OPTIMIZER_FORMATS}, "
+                f"got {optimizer_checkpoint_format!r}"
+            )
         self.hf_config = hf_config
-        self.parallel = parallel
-        self.config = actor or ActorConfig()
-        self.optim_config = optimizer or ActorOptimizerConfig()
+        self.model_config = model
+        self.parallelism = parallelism
         self.loss_config = loss or PolicyLossConfig()
+        self.temperature = temperature
+        self.optimizer_checkpoint_format = optimizer_checkpoint_format
         self.vocab_size = int(model_lib.hf_value(hf_config, "vocab_size"))
-        self.data_parallel_size = init_distributed(parallel, seed=self.config.seed)
+        self.data_parallel_size = init_distributed(parallelism, seed=seed)
         self.transformer_config = model_lib.transformer_config_from_hf(
             hf_config,
-            parallel,
-            dtype=_DTYPES[self.config.dtype],
-            spec=self.config.spec,
-            fp8=self.config.fp8,
-            fp8_recipe=self.config.fp8_recipe,
-            fp8_param=self.config.fp8_param,
-            recompute_granularity=self.config.recompute_granularity,
-            recompute_method=self.config.recompute_method,
-            recompute_num_layers=self.config.recompute_num_layers,
+            model,
+            parallelism,
             calculate_per_token_loss=True,
-            **_variable_shapes(self.config, parallel),
+            **_variable_shapes(parallelism),
+        )
+        # Packed rows need an attention that reads cu_seqlens: ours with the local spec.
+        self.own_attention = model_lib.uses_own_attention(
+            model.spec, parallelism.context_parallel_size, parallelism.packed
         )
         chunks = model_lib.build_model_chunks(
-            hf_config, self.transformer_config, spec=self.config.spec
+            hf_config, self.transformer_config, spec=model.spec, own_attention=self.own_attention
         )
         self.model = self._wrap(chunks)
         self.transformer_config.finalize_model_grads_func = _finalize_grads
+        _set_overlap_hooks(self.transformer_config, self.model, parallelism)
         self.optimizer, self.scheduler = self._build_optimizer()
         self.num_steps = 0
         self.offloaded = False
+        self._params_stale = False  # overlap_param_gather: the last step's gather is pending
         # Where batches go: the GPU under NCCL, else CPU (gloo collectives take CPU tensors).
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -229,52 +123,34 @@ class MegatronActor:
 
     # ---------------------------------------------------------------- construction
     def _wrap(self, chunks: list) -> list:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
         from megatron.core.transformer.module import Float16Module
 
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=self.config.use_distributed_optimizer,
-        )
+        config = ddp_config(self.model_config, self.parallelism)
         wrapped = []
         for index, chunk in enumerate(chunks):
             if self.transformer_config.bf16 or self.transformer_config.fp16:
                 chunk = Float16Module(self.transformer_config, chunk)
             wrapped.append(
                 DistributedDataParallel(
-                    self.transformer_config, ddp_config, chunk, disable_bucketing=index > 0
+                    self.transformer_config, config, chunk, disable_bucketing=index > 0
                 )
             )
         return wrapped
 
     def _build_optimizer(self):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        cfg = self.optim_config
-        if cfg.optimizer == "sgd" and self.config.use_distributed_optimizer:
-            raise ValueError(
-                "optimizer='sgd' needs use_distributed_optimizer=False (Megatron's is Adam only)"
-            )
+        cfg = self.optimizer_config
         optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer=cfg.optimizer,
-                lr=cfg.lr,
-                min_lr=cfg.min_lr,
-                weight_decay=cfg.weight_decay,
-                adam_beta1=cfg.adam_beta1,
-                adam_beta2=cfg.adam_beta2,
-                adam_eps=cfg.adam_eps,
-                sgd_momentum=cfg.sgd_momentum,
-                clip_grad=cfg.clip_grad,
-                bf16=self.transformer_config.bf16,
-                fp16=self.transformer_config.fp16,
-                params_dtype=self.transformer_config.params_dtype,
-                use_distributed_optimizer=self.config.use_distributed_optimizer,
+            megatron_optimizer_config(
+                cfg, self.model_config, self.parallelism, self.transformer_config
             ),
             self.model,
         )
+        # "constant" needs no horizon (OptimizerConfig requires one for the decaying styles);
+        # Megatron's scheduler wants one past the warm-up all the same.
         decay_steps = cfg.lr_decay_steps or cfg.lr_warmup_steps + 1
         scheduler = OptimizerParamScheduler(
             optimizer,
@@ -282,7 +158,7 @@ class MegatronActor:
             max_lr=cfg.lr,
             min_lr=cfg.min_lr,
             lr_warmup_steps=cfg.lr_warmup_steps,
-            lr_decay_steps=max(decay_steps, cfg.lr_warmup_steps + 1),
+            lr_decay_steps=decay_steps,
             lr_decay_style=cfg.lr_decay_style,
             start_wd=cfg.weight_decay,
             end_wd=cfg.weight_decay,
@@ -296,106 +172,74 @@ class MegatronActor:
         """Splits ``batch`` into micro-batches laid out for this CP rank (see module doc)."""
         from megatron.core import parallel_state
 
+        parallelism = self.parallelism
         cp_group = (
             parallel_state.get_context_parallel_group()
-            if self.parallel.context_parallel > 1
+            if parallelism.context_parallel_size > 1
             else None
         )
-        cp_rank = parallel_state.get_context_parallel_rank()
-        dynamic = self.config.max_tokens_per_micro_batch is not None
-        padded = _pad_batch(
-            batch, 1 if dynamic else self.config.micro_batch_size, with_training_data
+        fixed_rows = parallelism.max_tokens_per_micro_batch is None and not parallelism.packed
+        padded = pad_batch(
+            batch, parallelism.micro_batch_size if fixed_rows else 1, with_training_data
         )
-        micro_batches = []
-        plan = plan_micro_batches(
-            padded["lengths"],
-            self.config,
-            self.parallel.context_parallel,
-            self.parallel.tensor_parallel,
-        )
-        for rows, common in plan:
-            micro = self._micro_batch(padded, rows, common, cp_rank, cp_group, with_training_data)
-            micro_batches.append(micro)
-        return micro_batches
-
-    def _micro_batch(
-        self, padded, rows, common, cp_rank, cp_group, with_training_data
-    ) -> MicroBatch:
-        lengths = padded["lengths"][rows]
-        width = min(common, padded["input_ids"].shape[1])  # the group's columns only
-        layout = context_parallel.SequenceLayout(
-            lengths=tuple(lengths.tolist()),
-            padded_lengths=(common,) * len(lengths),
-            cp_size=self.parallel.context_parallel,
-            cp_rank=cp_rank,
-            packed=False,
-        )
-        names = ("response_mask", "old_log_probs", "advantages") if with_training_data else ()
-        cp_batch = context_parallel.build_cp_batch(
-            padded["input_ids"][rows, :width],
-            lengths,
-            layout,
-            {name: padded[name][rows, :width] for name in names},
-        )
-        local_length = cp_batch.tokens.shape[1]
-        device = self.device
-        micro = MicroBatch(
-            rows=rows,
-            tokens=cp_batch.tokens.to(device),
-            position_ids=cp_batch.position_ids.to(device),
-            attention_mask=model_lib.causal_attention_mask(local_length, device)
-            if self.parallel.context_parallel == 1
-            else None,
-            targets=cp_batch.labels.to(device),
-            layout=layout,
-            cp_group=cp_group,
-            prompt_lengths=padded["prompt_lengths"][rows].to(device),
-            response_lengths=padded["response_lengths"][rows].to(device),
-            **{name: value.to(device) for name, value in cp_batch.label_aligned.items()},
-        )
-        if with_training_data and cp_group is not None:
-            from megatron_fipo.megatron.cp_scan import make_cp_future_sum, make_cp_sequence_sum
-
-            micro.future_sum_fn = make_cp_future_sum(layout, cp_group)
-            micro.sequence_sum_fn = make_cp_sequence_sum(layout, cp_group)
-        return micro
+        # Only Megatron's own local attention needs the dense [S, S] causal mask.
+        causal_mask = self.model_config.spec == "local" and not self.own_attention
+        return [
+            build_micro_batch(
+                padded,
+                plan,
+                cp_rank=parallel_state.get_context_parallel_rank(),
+                cp_group=cp_group,
+                device=self.device,
+                with_training_data=with_training_data,
+                causal_mask=causal_mask,
+            )
+            for plan in plan_micro_batches(padded["lengths"], parallelism, self.model_config)
+        ]
 
     def _run_schedule(self, micro_batches: list[MicroBatch], loss_func, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        # bf16 / fp16: the wrapper would upcast the last stage's hidden states to fp32, and the
+        # vocab head would then run its GEMMs on fp32 copies (see logprobs).
+        half = self.transformer_config.bf16 or self.transformer_config.fp16
+        extra = {"fp32_output": False} if half else {}
+
         def forward_step(data_iterator: Iterator[MicroBatch], model_chunk):
             micro = next(data_iterator)
             with model_lib.hidden_states_only(model_chunk):
-                hidden = model_chunk(micro.tokens, micro.position_ids, micro.attention_mask)
+                hidden = model_chunk(
+                    micro.tokens,
+                    micro.position_ids,
+                    micro.attention_mask,
+                    packed_seq_params=micro.packed_seq_params,
+                    **extra,
+                )
             return hidden, functools.partial(loss_func, micro, model_chunk)
 
+        first = micro_batches[0]
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(micro_batches) for _ in self.model],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].tokens.shape[1],
-            micro_batch_size=micro_batches[0].tokens.shape[0],
+            # The global (whole-sequence) row length: the schedule divides it by CP (and by
+            # TP under sequence parallelism) for the tensors the stages exchange.
+            seq_length=first.tokens.shape[1] * self.parallelism.context_parallel_size,
+            micro_batch_size=first.tokens.shape[0],
             forward_only=forward_only,
         )
 
     def _token_log_probs(self, micro: MicroBatch, model_chunk, hidden: torch.Tensor):
-        """Log-probs and entropy ``[mbs, S_local]`` of each position's next token."""
-        sequence_parallel = self.transformer_config.sequence_parallel
-        if sequence_parallel:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-            # [S_local / TP, B, H] -> [S_local, B, H]; its backward reduce-scatters (sums
-            # over TP), so chunked_log_probs must not all-reduce the gradient again.
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-        log_probs, entropy = chunked_log_probs(
+        """Log-probs and entropy ``[rows, S_local]`` of each position's next token."""
+        log_probs, entropy = vocab_head(
             hidden,
             model_lib.output_weight(model_chunk),
             micro.targets.t(),
-            temperature=self.config.temperature,
-            chunk_size=self.config.logprob_chunk_size,
+            sequence_parallel=self.transformer_config.sequence_parallel,
+            temperature=self.temperature,
+            chunk_size=self.model_config.logprob_chunk_size,
             vocab_size=self.vocab_size,
-            reduce_hidden_grad=not sequence_parallel,
         )
         return log_probs.t(), entropy.t()
 
@@ -404,6 +248,7 @@ class MegatronActor:
     def compute_log_probs(self, batch: ActorBatch) -> torch.Tensor:
         """Log-probs ``[B, T_resp]`` fp32 of the response tokens (0 past each response);
         returned on every rank. ``T_resp`` is the longest response of ``batch``."""
+        self.finish_param_sync()
         for chunk in self.model:
             chunk.eval()
         micro_batches = self._micro_batches(batch, with_training_data=False)
@@ -411,7 +256,7 @@ class MegatronActor:
 
         def loss_func(micro, model_chunk, hidden):
             log_probs, _ = self._token_log_probs(micro, model_chunk, hidden)
-            response = _response_columns(log_probs, micro, width)
+            response = response_columns(log_probs, micro, width)
             return hidden.new_zeros(()), torch.ones((), dtype=torch.int), response
 
         outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
@@ -460,7 +305,8 @@ class MegatronActor:
         num_tokens = self._global_token_count(batch)
         for chunk in self.model:
             chunk.train()
-            chunk.zero_grad_buffer()
+            chunk.zero_grad_buffer()  # with overlap_param_gather: the forward gathers anew
+        self._params_stale = False
         self.optimizer.zero_grad()
         micro_batches = self._micro_batches(batch, with_training_data=True)
         loss_func = functools.partial(self._train_loss, loss_config, num_tokens)
@@ -468,9 +314,10 @@ class MegatronActor:
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise RuntimeError("optimizer step skipped (non-finite gradients)")
+        self._params_stale = self.parallelism.overlap_param_gather
         self.scheduler.step(increment=1)
         self.num_steps += 1
-        reduced = self._reduce_metrics(outputs)
+        reduced = reduce_metrics(outputs, self.device)
         reduced["actor/grad_norm"] = float(grad_norm)
         reduced["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         reduced["actor/num_tokens"] = float(num_tokens.cpu())
@@ -498,30 +345,6 @@ class MegatronActor:
         stats["actor/loss_sum"] = loss.detach().double()
         # calculate_per_token_loss: Megatron sums these counts but we never divide by them.
         return loss, torch.ones((), dtype=torch.int), stats
-
-    def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
-        from megatron.core import parallel_state
-
-        merged: dict[str, torch.Tensor] = {}
-        for stats in outputs:
-            metric_utils.merge(merged, stats)
-        objects = [merged]
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast_object_list(
-                objects,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        merged = objects[0]
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        for key in sorted(merged):
-            value = merged[key].to(self.device).reshape(1).clone()
-            dist.all_reduce(value, op=ops[metric_utils.reduce_op(key)], group=group)
-            merged[key] = value[0]
-        result = metric_utils.finalize(merged)
-        result["actor/loss"] = result.pop("actor/loss_sum")
-        return result
 
     # ---------------------------------------------------------------- colocation
     def offload_train_state(self) -> None:
@@ -551,10 +374,23 @@ class MegatronActor:
         global over PP / VPP, the local tensor, and its TP partition dim / stride / GLU flag).
         See :func:`checkpoint.iter_param_shards`.
         """
+        self.finish_param_sync()
         return checkpoint.iter_param_shards(self.model)
+
+    def finish_param_sync(self) -> None:
+        """With ``overlap_param_gather`` the parameters that the last step updated on other
+        data-parallel ranks arrive during the next training forward; whatever reads the
+        weights before that (log-probs, weight sync, checkpoints, checks) calls this first.
+        All ranks call it together; a no-op otherwise."""
+        if not self._params_stale:
+            return
+        for chunk in self.model:
+            chunk.start_param_sync(force_sync=True)
+        self._params_stale = False
 
     def save(self, path: str) -> None:
         """Saves model, optimizer and LR-scheduler state as a torch_dist checkpoint at ``path``."""
+        self.finish_param_sync()
         checkpoint.save_actor_checkpoint(self, path)
 
     def load(self, path: str, *, load_optimizer: bool = True) -> None:
@@ -570,131 +406,95 @@ def _finalize_grads(model, num_tokens=None, **kwargs) -> None:
     finalize_model_grads(model, None, **kwargs)
 
 
-# -------------------------------------------------------------------- batch layout helpers
-def plan_micro_batches(
-    lengths: torch.Tensor, config: ActorConfig, cp: int, tp: int
-) -> list[tuple[torch.Tensor, int]]:
-    """``(row indices, padded length)`` per micro-batch of rows of ``lengths`` (CP / TP sizes
-    ``cp`` / ``tp``: rows are padded to multiples of ``2 * cp * tp``).
+def reduce_metrics(outputs: list[dict], device: torch.device) -> dict[str, float]:
+    """The step's metrics (one dict of 0-d tensors per micro-batch, on the last pipeline stage)
+    over every DP x CP rank, by key suffix (:mod:`~megatron_fipo.algorithms.metrics`), in one
+    collective: each rank's vector of values is all-gathered and reduced here, key by key."""
+    from megatron.core import parallel_state
 
-    Fixed size: consecutive rows, every one padded to the batch's longest sequence (one
-    shape for the whole schedule). Dynamic (``max_tokens_per_micro_batch``): rows sorted
-    longest first, a micro-batch takes the next row while rows x its first (longest) row's
-    padded length stays within the budget; each micro-batch has its own length (pipeline
-    stages then exchange shapes, ``variable_seq_lengths``).
-    """
-    budget = config.max_tokens_per_micro_batch
-    if budget is None:
-        common = context_parallel.padded_length(int(lengths.max()), cp, tp)
-        size = config.micro_batch_size
-        return [
-            (torch.arange(start, min(start + size, len(lengths))), common)
-            for start in range(0, len(lengths), size)
-        ]
-    order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), row))
-    plan: list[tuple[list[int], int]] = []
-    for row in order:
-        length = context_parallel.padded_length(int(lengths[row]), cp, tp)
-        if length > budget:
-            raise ValueError(
-                f"a sequence of {int(lengths[row])} tokens (padded to {length} for CP={cp}, "
-                f"TP={tp}) exceeds max_tokens_per_micro_batch={budget}"
-            )
-        if plan and (len(plan[-1][0]) + 1) * plan[-1][1] <= budget:
-            plan[-1][0].append(row)
-        else:
-            plan.append(([row], length))
-    return [(torch.tensor(rows), common) for rows, common in plan]
+    merged: dict[str, torch.Tensor] = {}
+    for stats in outputs:
+        metric_utils.merge(merged, stats)
+    objects = [merged]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(
+            objects,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    merged = objects[0]
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    keys = sorted(merged)
+    values = torch.stack([merged[key].double().reshape(()) for key in keys]).to(device)
+    every = values.new_empty((dist.get_world_size(group), len(keys)))
+    dist.all_gather_single(every, values.unsqueeze(0), group=group)
+    reduced = {"sum": every.sum(0), "max": every.amax(0), "min": every.amin(0)}
+    for index, key in enumerate(keys):
+        merged[key] = reduced[metric_utils.reduce_op(key)][index]
+    result = metric_utils.finalize(merged)
+    result["actor/loss"] = result.pop("actor/loss_sum")
+    return result
 
 
-def _variable_shapes(config: ActorConfig, parallel: ParallelConfig) -> dict[str, Any]:
-    """Dynamic batching gives micro-batches of different shapes: pipeline stages then exchange
-    them (megatron-core refuses that unless the MoE dispatcher, unused by dense models, is
-    ``alltoall``)."""
-    if config.max_tokens_per_micro_batch is None or parallel.pipeline_parallel == 1:
+# -------------------------------------------------------------------- Megatron's configs
+def ddp_config(model: ModelConfig, parallelism: ParallelismConfig):
+    """Megatron's ``DistributedDataParallelConfig`` for the sections: gradients reduced in
+    fp32, the overlap switches, FP8 parameter all-gather when the weights are FP8."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallelism.overlap_grad_reduce,
+        overlap_param_gather=parallelism.overlap_param_gather,
+        use_distributed_optimizer=parallelism.use_distributed_optimizer,
+        fp8_param_gather=model.fp8_param,
+    )
+
+
+def megatron_optimizer_config(
+    optimizer: OptimizerConfig,
+    model: ModelConfig,
+    parallelism: ParallelismConfig,
+    transformer_config,
+):
+    """Megatron's optimizer config for the sections (the FP8 recipe decides how the
+    distributed optimizer handles FP8 weights)."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+
+    return MegatronOptimizerConfig(
+        optimizer=optimizer.optimizer,
+        lr=optimizer.lr,
+        min_lr=optimizer.min_lr,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.adam_beta1,
+        adam_beta2=optimizer.adam_beta2,
+        adam_eps=optimizer.adam_eps,
+        sgd_momentum=optimizer.sgd_momentum,
+        clip_grad=optimizer.clip_grad,
+        bf16=transformer_config.bf16,
+        fp16=transformer_config.fp16,
+        params_dtype=transformer_config.params_dtype,
+        use_distributed_optimizer=parallelism.use_distributed_optimizer,
+        fp8_recipe=model.fp8_recipe if model.fp8 is not None else None,
+    )
+
+
+def _set_overlap_hooks(transformer_config, chunks: list, parallelism: ParallelismConfig) -> None:
+    """With ``overlap_grad_reduce`` the schedule must hold each chunk's reduce back until its
+    last micro-batch (``no_sync``) and may start it when that backward ends."""
+    if not parallelism.overlap_grad_reduce:
+        return
+    no_sync = [chunk.no_sync for chunk in chunks]
+    start = [chunk.start_grad_sync for chunk in chunks]
+    transformer_config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+    transformer_config.grad_sync_func = start[0] if len(chunks) == 1 else start
+
+
+def _variable_shapes(parallelism: ParallelismConfig) -> dict[str, Any]:
+    """Token-budget or packed micro-batches have different shapes: pipeline stages then
+    exchange them (megatron-core refuses that unless the MoE dispatcher, unused by dense
+    models, is ``alltoall``)."""
+    varies = parallelism.max_tokens_per_micro_batch is not None or parallelism.packed
+    if not varies or parallelism.pipeline_model_parallel_size == 1:
         return {}
     return dict(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-
-
-def _pad_batch(batch: ActorBatch, micro_batch_size: int, with_training_data: bool) -> dict:
-    """Right-padded token-aligned ``[B_pad, T]`` tensors; B padded to a multiple of
-    ``micro_batch_size`` with one-token dummy sequences that carry no response."""
-    prompt = torch.as_tensor(batch.prompt_lengths, dtype=torch.int64).reshape(-1)
-    response = torch.as_tensor(batch.response_lengths, dtype=torch.int64).reshape(-1)
-    num_real = len(batch.input_ids)
-    if not num_real or prompt.numel() != num_real or response.numel() != num_real:
-        raise ValueError(
-            f"batch has {num_real} input_ids, {prompt.numel()} prompt_lengths and "
-            f"{response.numel()} response_lengths; they must match and be non-empty"
-        )
-    lengths = prompt + response
-    for index, ids in enumerate(batch.input_ids):
-        if ids.dim() != 1 or ids.numel() != int(lengths[index]) or int(prompt[index]) < 1:
-            raise ValueError(
-                f"sequence {index}: input_ids has {ids.numel()} tokens but prompt_lengths + "
-                f"response_lengths = {int(lengths[index])} (prompt must be >= 1 token)"
-            )
-    num_rows = -(-num_real // micro_batch_size) * micro_batch_size
-    extra = num_rows - num_real
-    total = int(lengths.max())
-    input_ids = torch.zeros(num_rows, total, dtype=torch.int64)
-    for index, ids in enumerate(batch.input_ids):
-        input_ids[index, : ids.numel()] = ids
-    prompt = torch.cat([prompt, torch.ones(extra, dtype=torch.int64)])
-    response = torch.cat([response, torch.zeros(extra, dtype=torch.int64)])
-    padded = dict(
-        input_ids=input_ids,
-        lengths=prompt + response,
-        prompt_lengths=prompt,
-        response_lengths=response,
-    )
-    if with_training_data:
-        padded.update(_training_tensors(batch, prompt, response, num_rows, total))
-    return padded
-
-
-def _training_tensors(batch, prompt, response, num_rows, total) -> dict[str, torch.Tensor]:
-    """Response mask, old log-probs and per-token advantages, token aligned ``[B_pad, T]``."""
-    width = int(response.max())
-    old = torch.as_tensor(batch.old_log_probs, dtype=torch.float32)
-    advantages = torch.as_tensor(batch.advantages, dtype=torch.float32)
-    num_real = old.shape[0]
-    if old.dim() != 2 or old.shape[1] < width:
-        raise ValueError(f"old_log_probs must be [B, T_resp>={width}], got {tuple(old.shape)}")
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand(-1, width)
-    if advantages.shape[0] != num_real or advantages.shape[1] < width:
-        raise ValueError(
-            f"advantages must be [B] or [B, T_resp>={width}], got {tuple(advantages.shape)}"
-        )
-    column = torch.arange(width)
-    positions = (prompt[:num_real, None] + column).clamp(max=total - 1)
-    valid = column < response[:num_real, None]
-    out = {
-        name: torch.zeros(num_rows, total)
-        for name in ("response_mask", "old_log_probs", "advantages")
-    }
-    for name, values in (
-        ("response_mask", valid.float()),
-        ("old_log_probs", old),
-        ("advantages", advantages),
-    ):
-        out[name][:num_real].scatter_(1, positions, torch.where(valid, values[:, :width], 0.0))
-    return out
-
-
-def _response_columns(local_values: torch.Tensor, micro: MicroBatch, width: int) -> torch.Tensor:
-    """Label-aligned local ``[mbs, S_local]`` values -> ``[mbs, width]`` per response token.
-
-    Gathers over the CP group (rows of the global sequence on every CP rank) and shifts so
-    that column ``j`` is the value for response token ``j`` (predicted at position
-    ``prompt + j - 1``); 0 past each response.
-    """
-    layout = micro.layout
-    full = context_parallel.gather_to_global(
-        local_values, layout, layout.padded_lengths[0], micro.cp_group, shift_to_tokens=True
-    )
-    column = torch.arange(width, device=full.device)
-    positions = (micro.prompt_lengths[:, None] + column).clamp(max=full.shape[1] - 1)
-    valid = column < micro.response_lengths[:, None]
-    return torch.where(valid, full.gather(1, positions), 0.0)

@@ -35,7 +35,13 @@ import torch.distributed as dist
 
 from megatron_fipo import numerics
 from megatron_fipo.algorithms.losses import PolicyLossConfig
-from megatron_fipo.megatron.distributed import ParallelConfig, free_port, set_local_world_env
+from megatron_fipo.config import (
+    ArchitectureConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+)
+from megatron_fipo.megatron.distributed import free_port, set_local_world_env
 from megatron_fipo.numerics import Comparison
 
 if TYPE_CHECKING:
@@ -58,7 +64,28 @@ def tiny_hf_config(
         rope_theta=10000.0,
         max_position_embeddings=512,
         tie_word_embeddings=tie_word_embeddings,
-        initializer_range=0.02,
+    )
+
+
+def model_section(hf_config: dict, **overrides) -> ModelConfig:
+    """The ``model`` config section of an inline architecture (``hf_config`` holds
+    :class:`ArchitectureConfig` fields only), fp32 with the local spec: what runs on CPU."""
+    return ModelConfig(
+        architecture=ArchitectureConfig(**hf_config),
+        **{"dtype": "float32", "spec": "local", **overrides},
+    )
+
+
+def layout(
+    tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, **fields
+) -> ParallelismConfig:
+    """The ``parallelism`` section of a TP / PP / CP layout (DP is what the world leaves)."""
+    return ParallelismConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        virtual_pipeline_model_parallel_size=vpp,
+        **fields,
     )
 
 
@@ -75,26 +102,40 @@ class CheckSettings:
     logprob_chunk_size: int = 16
     seed: int = 7
     max_tokens_per_micro_batch: int | None = None
+    packing: bool | None = None
+    """``parallelism.packing`` (None: on with ``max_tokens_per_micro_batch``)."""
+    overlap: bool = False
+    """``parallelism.overlap_grad_reduce`` and ``overlap_param_gather`` (Adam only)."""
 
-    def actor_configs(self):
-        from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig
-
+    def sections(
+        self, parallel: ParallelismConfig | None = None
+    ) -> tuple[ModelConfig, ParallelismConfig, OptimizerConfig]:
+        """The actor's ``model``, ``parallelism`` (the ``parallel`` layout with this check's
+        micro-batching) and ``optimizer`` sections."""
         sgd = self.optimizer == "sgd"
-        return (
-            ActorConfig(
-                micro_batch_size=self.micro_batch_size,
-                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
-                logprob_chunk_size=self.logprob_chunk_size,
-                seed=self.seed,
-                use_distributed_optimizer=not sgd,  # Megatron's supports Adam only
-            ),
-            ActorOptimizerConfig(
-                optimizer=self.optimizer,
-                lr=1.0 if sgd else self.lr,
-                lr_warmup_steps=0,
-                weight_decay=0.0 if sgd else 0.1,
-                clip_grad=0.0 if sgd else 1.0,
-            ),
+        model = model_section(
+            tiny_hf_config(self.num_layers, self.tie_word_embeddings),
+            logprob_chunk_size=self.logprob_chunk_size,
+        )
+        parallelism = dataclasses.replace(
+            parallel or ParallelismConfig(),
+            micro_batch_size=self.micro_batch_size,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            packing=self.packing,
+            use_distributed_optimizer=not sgd,  # Megatron's supports Adam only
+            overlap_grad_reduce=self.overlap,
+            overlap_param_gather=self.overlap,
+        )
+        return model, parallelism, self.optimizer_section()
+
+    def optimizer_section(self) -> OptimizerConfig:
+        sgd = self.optimizer == "sgd"
+        return OptimizerConfig(
+            optimizer=self.optimizer,
+            lr=1.0 if sgd else self.lr,
+            lr_warmup_steps=0,
+            weight_decay=0.0 if sgd else 0.1,
+            clip_grad=0.0 if sgd else 1.0,
         )
 
 
@@ -136,7 +177,7 @@ def dp_slice(batch, dp_rank: int, dp_size: int):
 
 
 def run_layout(
-    parallel: ParallelConfig,
+    parallel: ParallelismConfig,
     settings: CheckSettings,
     checkpoint_dir: str,
     reference: bool,
@@ -155,8 +196,9 @@ def run_layout(
     from megatron_fipo.megatron.distributed import destroy
 
     hf = tiny_hf_config(settings.num_layers, settings.tie_word_embeddings)
-    actor_cfg, optim_cfg = settings.actor_configs()
-    actor = MegatronActor(hf, parallel, actor_cfg, optim_cfg, PolicyLossConfig(mode="fipo"))
+    actor = MegatronActor(
+        hf, *settings.sections(parallel), PolicyLossConfig(mode="fipo"), seed=settings.seed
+    )
     try:
         if reference:
             checkpoint.save_model_checkpoint(actor.model, checkpoint_dir, hf)
@@ -171,6 +213,7 @@ def run_layout(
         if edit_batch is not None:
             edit_batch(batch)
         metrics = actor.train_step(batch)
+        actor.finish_param_sync()  # overlap_param_gather: the step's all-gather is still due
         params = checkpoint.gather_full_parameters(actor.model, vocab_size=actor.vocab_size)
         grads = gathered_gradients(actor, metrics) if reference else None
         pieces = [None] * actor.data_parallel_size
@@ -198,13 +241,13 @@ def gathered_gradients(actor, metrics: dict) -> dict[str, torch.Tensor] | None:
     """
     from megatron_fipo.megatron import checkpoint
 
-    if actor.data_parallel_size > 1 and actor.config.use_distributed_optimizer:
+    if actor.data_parallel_size > 1 and actor.parallelism.use_distributed_optimizer:
         raise ValueError("gathered_gradients needs data_parallel 1 or no distributed optimizer")
     grads = checkpoint.gather_full_parameters(actor.model, main_grad=True)
     if grads is None:
         return None
     norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
-    reported, clip = metrics["actor/grad_norm"], actor.optim_config.clip_grad
+    reported, clip = metrics["actor/grad_norm"], actor.optimizer_config.clip_grad
     expected = reported * min(1.0, clip / (reported + 1e-6)) if clip else reported
     depth = sum(grad.numel() for grad in grads.values())  # the norm's sum of squares
     if abs(norm - expected) > numerics.rounding_tolerance(expected, depth):
@@ -281,7 +324,7 @@ def parameter_bounds(reference: dict, settings: CheckSettings) -> dict[str, torc
     any), plus the rounding of the update itself relative to ``|p_new| + lr |direction|``.
     """
     _, grad_depth = depths(settings)
-    _, optim = settings.actor_configs()
+    optim = settings.optimizer_section()
     rounding = numerics.rounding_tolerance(1.0, numerics.UPDATE_ROUNDINGS[optim.optimizer])
     bounds = {}
     for name, grad in reference["grads"].items():
@@ -388,6 +431,16 @@ def _parse(argv):
     parser.add_argument("--tie-word-embeddings", action="store_true")
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument(
+        "--max-tokens-per-micro-batch", type=int, default=None, help="token-budget batching"
+    )
+    parser.add_argument(
+        "--packing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="packed rows (auto: with --max-tokens-per-micro-batch)",
+    )
+    parser.add_argument("--overlap", action="store_true", help="overlap grad reduce / gather")
+    parser.add_argument(
         "--workdir", default=None, help="shared directory (required under torchrun)"
     )
     return parser.parse_args(argv)
@@ -395,33 +448,42 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    parallel = ParallelConfig(
-        tensor_parallel=args.tp,
-        pipeline_parallel=args.pp,
-        virtual_pipeline=args.vpp,
-        context_parallel=args.cp,
-        data_parallel=args.dp,
-    )
+    parallel = layout(args.tp, args.pp, args.cp, args.vpp)
     settings = CheckSettings(
         optimizer=args.optimizer,
         num_layers=args.num_layers,
         tie_word_embeddings=args.tie_word_embeddings,
         micro_batch_size=args.micro_batch_size,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        packing={"auto": None, "on": True, "off": False}[args.packing],
+        overlap=args.overlap,
     )
     world_size = parallel.model_parallel_size * args.dp
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return _main_torchrun(parallel, settings, args.workdir)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
-        reference = spawn_run(1, ParallelConfig(), settings, os.path.join(workdir, "init"), True)
+        reference = spawn_run(1, layout(), plain(settings), os.path.join(workdir, "init"), True)
         result = spawn_run(world_size, parallel, settings, os.path.join(workdir, "init"), False)
         return _report(reference, result, time.time() - start, args, settings)
 
 
+def plain(settings: CheckSettings) -> CheckSettings:
+    """The reference's settings: fixed micro-batches of padded rows, no overlap (the batching
+    and overlap of ``settings`` are what the layout run checks against it)."""
+    return dataclasses.replace(
+        settings, max_tokens_per_micro_batch=None, packing=False, overlap=False
+    )
+
+
 def _report(reference: dict, result: dict, seconds: float, args, settings) -> int:
     comparisons = compare(reference, result, settings)
-    layout = f"tp={args.tp} pp={args.pp} cp={args.cp} dp={args.dp} vpp={args.vpp}"
-    print(f"check_parallel {layout} optimizer={args.optimizer} ({seconds:.1f}s)")
+    shape = f"tp={args.tp} pp={args.pp} cp={args.cp} dp={args.dp} vpp={args.vpp}"
+    batching = (
+        f"packing={settings.packing} max_tokens={settings.max_tokens_per_micro_batch} "
+        f"overlap={settings.overlap}"
+    )
+    print(f"check_parallel {shape} optimizer={args.optimizer} {batching} ({seconds:.1f}s)")
     print("  tolerances: fp32 rounding of each quantity (megatron_fipo/numerics.py)")
     for comparison in comparisons:
         print(f"  {comparison}")
@@ -447,7 +509,7 @@ def _main_torchrun(parallel, settings, workdir) -> int:
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
             if key in os.environ
         }
-        reference = spawn_run(1, ParallelConfig(), settings, init_dir, True)
+        reference = spawn_run(1, layout(), plain(settings), init_dir, True)
         os.environ.update(saved)
         torch.save(reference, done + ".tmp")
         os.replace(done + ".tmp", done)
@@ -458,11 +520,11 @@ def _main_torchrun(parallel, settings, workdir) -> int:
     if rank != 0:
         return 0
     args = argparse.Namespace(
-        tp=parallel.tensor_parallel,
-        pp=parallel.pipeline_parallel,
-        cp=parallel.context_parallel,
-        dp=parallel.data_parallel,
-        vpp=parallel.virtual_pipeline,
+        tp=parallel.tensor_model_parallel_size,
+        pp=parallel.pipeline_model_parallel_size,
+        cp=parallel.context_parallel_size,
+        dp=int(os.environ["WORLD_SIZE"]) // parallel.model_parallel_size,
+        vpp=parallel.virtual_pipeline_model_parallel_size,
         optimizer=settings.optimizer,
     )
     return _report(

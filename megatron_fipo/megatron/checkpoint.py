@@ -9,7 +9,8 @@ Format (a directory written with ``megatron.core.dist_checkpointing``, ``torch_d
   state is saved ``dp_reshardable`` (default: each rank writes its own buffers, no
   communication; reloadable under another DP size, same TP / PP) or ``fully_reshardable``
   (each DP group gathers its state into per-parameter tensors first; reloadable under any
-  TP / PP / DP), chosen by ``ActorConfig.optimizer_checkpoint_format``;
+  TP / PP / DP), chosen by ``trainer.optimizer_checkpoint_format`` (the actor's
+  ``optimizer_checkpoint_format``);
 - beside them ``config.json`` (the Hugging Face model config) and ``fipo_checkpoint.json``
   (what was saved: parallel layout, step, caller metadata).
 
@@ -42,10 +43,10 @@ class ParamShard:
     """One parameter as held by this rank.
 
     ``name``: Megatron name with the GLOBAL layer number (``decoder.layers.17.mlp.linear_fc1
-    .weight``); ``tensor``: the local shard (the live parameter, do not modify);
-    ``tensor_parallel``: split over TP ranks, along ``partition_dim`` (0 = output rows for
-    column-parallel layers, vocab rows for embedding / output layer; 1 = input columns for
-    row-parallel layers); ``partition_stride``: Megatron's stride (1 for every dense layer
+    .weight``); ``tensor``: the local shard (the live parameter, do not modify; a bf16 copy
+    of an FP8 one); ``tensor_parallel``: split over TP ranks, along ``partition_dim`` (0 =
+    output rows for column-parallel layers, vocab rows for embedding / output layer; 1 =
+    input columns for row-parallel layers); ``partition_stride``: Megatron's stride (1 for every dense layer
     here); ``gated``: a SwiGLU ``linear_fc1`` whose local rows are ``[gate_r; up_r]``, so the
     full weight is ``[gate_0 .. gate_{TP-1}; up_0 .. up_{TP-1}]`` rather than a plain
     concatenation; ``tp_rank`` / ``tp_size``: where the shard sits.
@@ -93,7 +94,7 @@ def iter_param_shards(model_chunks: list, main_grad: bool = False) -> Iterator[P
             is_tp = bool(getattr(param, "tensor_model_parallel", False))
             yield ParamShard(
                 name=_global_name(model, name),
-                tensor=(param.main_grad if main_grad else param).detach(),
+                tensor=param.main_grad.detach() if main_grad else exportable(param),
                 tensor_parallel=is_tp,
                 partition_dim=getattr(param, "partition_dim", None) if is_tp else None,
                 partition_stride=int(getattr(param, "partition_stride", 1)),
@@ -101,6 +102,17 @@ def iter_param_shards(model_chunks: list, main_grad: bool = False) -> Iterator[P
                 tp_rank=tp_rank,
                 tp_size=tp_size,
             )
+
+
+def exportable(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as a plain tensor for weight sync: FP8 weights (TE, ``model.fp8_param``)
+    are dequantized to their nominal dtype (bf16), which engines and HF tensors expect; other
+    parameters are the live tensor itself (detached)."""
+    from megatron.core.fp8_utils import dequantize_fp8_tensor, is_float8tensor
+
+    if is_float8tensor(param):
+        return dequantize_fp8_tensor(param.detach()).to(torch.bfloat16)
+    return param.detach()
 
 
 def model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
     from megatron.core import dist_checkpointing
 
     _prepare_dir(path)
-    optimizer_format = actor.config.optimizer_checkpoint_format
+    optimizer_format = actor.optimizer_checkpoint_format
     state = model_sharded_state_dict(actor.model)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
         state, is_loading=False, metadata={"distrib_optim_sharding_type": optimizer_format}
@@ -196,7 +208,7 @@ def save_actor_checkpoint(actor, path: str, extra_metadata: dict | None = None) 
         "layout": _layout(),
         "num_steps": actor.num_steps,
         "optimizer_format": optimizer_format,
-        "distributed_optimizer": actor.config.use_distributed_optimizer,
+        "distributed_optimizer": actor.parallelism.use_distributed_optimizer,
     }
     _write_metadata(path, actor.hf_config, {**meta, **(extra_metadata or {})})
     dist.barrier()

@@ -24,6 +24,13 @@ Two kernels compute the same thing:
   (no TransformerEngine) train 32k-token rows on one GPU. The fused kernels keep the softmax
   statistics in fp32 but, unlike :func:`masked_attention`, do not upcast bf16 inputs.
 
+A packed row is attended sequence by sequence (:meth:`ContextParallelAttention._packed`): each
+sequence's local queries over that sequence's gathered keys only, so the work and any mask are
+``O(sum_i s_i * CP * s_i)`` rather than ``O((sum_i s_i) * CP * sum_i s_i)``; at CP = 1 each is
+plain causal attention, through the fused kernel also on CPU for fp32. On CUDA with CP = 1
+and bf16 / fp16 the whole row is one call of PyTorch's variable-length flash kernel
+(``torch.nn.attention.varlen.varlen_attn``, causal, boundaries from ``cu_seqlens``).
+
 Attention dropout (off in every shipped config) always takes the materialised path.
 """
 
@@ -193,6 +200,38 @@ def fused_attention(
     return _merge_heads(context)
 
 
+def varlen_causal_attention(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, softmax_scale: float
+) -> Tensor:
+    """Causal attention within each packed sequence through PyTorch's variable-length flash
+    kernel (CUDA, bf16 / fp16).
+
+    Args:
+        query: ``[t, n, d]``; key / value: ``[t, g, d]`` (GQA: ``g`` divides ``n``).
+        cu_seqlens: ``[N + 1]`` sequence boundaries in the row.
+
+    Returns:
+        ``[t, n * d]``.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    bounds = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    out = varlen_attn(
+        query,
+        key,
+        value,
+        bounds,
+        bounds,
+        longest,
+        longest,
+        scale=softmax_scale,
+        window_size=(-1, 0),  # causal
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.reshape(out.shape[0], -1)
+
+
 class ContextParallelAttention(MegatronModule):
     """Drop-in ``core_attention`` for the local spec that works with any CP size.
 
@@ -242,22 +281,23 @@ class ContextParallelAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.attention_dropout = torch.nn.Dropout(dropout)
         self._mask_cache: dict[tuple, Tensor] = {}
+        self.last_kernel = ""
+        """The kernel of the last forward (``masked``, ``flash``, ``masked_fused``,
+        ``per_sequence_masked``, ``per_sequence_fused``, ``varlen``); tests read it."""
 
     @property
     def cp_size(self) -> int:
         return dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
 
-    def _mask(self, length: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor:
+    def _mask(self, length: int, device: torch.device) -> Tensor:
+        """The zigzag causal mask of one sequence with ``length`` tokens on this rank."""
         cp_size = self.cp_size
         cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
-        bounds = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
-        key = (length, cp_size, cp_rank, bounds, str(device))
+        key = (length, cp_size, cp_rank, str(device))
         if key not in self._mask_cache:
-            if len(self._mask_cache) > 8:  # packed boundaries change every micro-batch
+            if len(self._mask_cache) > 64:  # packed lengths change every micro-batch
                 self._mask_cache.clear()
-            self._mask_cache[key] = zigzag_causal_mask(
-                length, cp_size, cp_rank, None if cu_seqlens is None else cu_seqlens.cpu()
-            ).to(device)
+            self._mask_cache[key] = zigzag_causal_mask(length, cp_size, cp_rank).to(device)
         return self._mask_cache[key]
 
     def forward(
@@ -275,28 +315,65 @@ class ContextParallelAttention(MegatronModule):
             raise ValueError("ContextParallelAttention does not support attention_bias")
         if (attn_mask_type or self.attn_mask_type) not in _CAUSAL_TYPES:
             raise ValueError(f"ContextParallelAttention is causal only, got {attn_mask_type}")
-        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        cu_seqlens = None
-        if packed:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        fused = query.is_cuda if self.fused is None else self.fused
+        fused = fused and not self._dropout_active
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"unsupported qkv_format {packed_seq_params.qkv_format!r}")
             cu_seqlens = packed_seq_params.cu_seqlens_q_padded
             if cu_seqlens is None:
                 cu_seqlens = packed_seq_params.cu_seqlens_q
-        elif packed_seq_params is not None:
-            raise ValueError(f"unsupported qkv_format {packed_seq_params.qkv_format!r}")
+            return self._packed(query, key, value, cu_seqlens, fused)
         key = gather_sequence(key, self.cp_group)
         value = gather_sequence(value, self.cp_group)
-        fused = query.is_cuda if self.fused is None else self.fused
-        if fused and not self._dropout_active:
-            plain = self.cp_size == 1 and cu_seqlens is None
-            allowed = None if plain else self._mask(query.shape[0], cu_seqlens, query.device)
-            context = fused_attention(query, key, value, allowed, self.softmax_scale)
-        else:
-            allowed = self._mask(query.shape[0], cu_seqlens, query.device)
-            context = masked_attention(
-                query, key, value, allowed, self.softmax_scale, self._dropout
+        if fused:
+            plain = self.cp_size == 1
+            allowed = None if plain else self._mask(query.shape[0], query.device)
+            self.last_kernel = "flash" if plain else "masked_fused"
+            return fused_attention(query, key, value, allowed, self.softmax_scale)
+        self.last_kernel = "masked"
+        allowed = self._mask(query.shape[0], query.device)
+        return masked_attention(query, key, value, allowed, self.softmax_scale, self._dropout)
+
+    def _packed(
+        self, query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, fused: bool
+    ) -> Tensor:
+        """``[t, n, d]`` queries of a packed row (``cu_seqlens``: global padded boundaries)
+        -> ``[t, n * d]``, each sequence attending to its own keys only (see module doc)."""
+        cp_size = self.cp_size
+        if fused and cp_size == 1 and query.is_cuda and query.dtype != torch.float32:
+            self.last_kernel = "varlen"
+            return varlen_causal_attention(query, key, value, cu_seqlens, self.softmax_scale)
+        # At CP = 1 each sequence is plain causal attention: PyTorch's flash kernel on CPU too
+        # for fp32 / fp64 (it computes in the inputs' precision; ~12x the materialised path at
+        # 2k tokens), unless dropout needs the probabilities.
+        exact = query.dtype in (torch.float32, torch.float64)
+        fused = fused or (cp_size == 1 and exact and not self._dropout_active)
+        total = query.shape[0]
+        key = gather_sequence(key, self.cp_group).view(cp_size, total, *key.shape[1:])
+        value = gather_sequence(value, self.cp_group).view(cp_size, total, *value.shape[1:])
+        bounds = (cu_seqlens // cp_size).tolist()
+        if bounds[-1] != total:
+            raise ValueError(
+                f"cu_seqlens_padded describe {bounds[-1]} local tokens per rank, "
+                f"the packed row has {total}"
             )
-        return context.squeeze(1) if packed else context
+        self.last_kernel = "per_sequence_" + ("fused" if fused else "masked")
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # This sequence's keys from every rank, in rank order: [CP * s_i, 1, g, d].
+            keys, values = (x[:, start:end].reshape(-1, 1, *x.shape[2:]) for x in (key, value))
+            queries = query[start:end].unsqueeze(1)
+            if fused:
+                allowed = None if cp_size == 1 else self._mask(end - start, query.device)
+                out = fused_attention(queries, keys, values, allowed, self.softmax_scale)
+            else:
+                allowed = self._mask(end - start, query.device)
+                out = masked_attention(
+                    queries, keys, values, allowed, self.softmax_scale, self._dropout
+                )
+            outputs.append(out.squeeze(1))
+        return torch.cat(outputs)
 
     @property
     def _dropout_active(self) -> bool:

@@ -17,65 +17,26 @@ import datetime
 import os
 import random
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.config import ParallelismConfig
 from megatron_fipo.megatron import cpu_compat
 
 LOOPBACK = "127.0.0.1"
 
 
-@dataclass(kw_only=True, slots=True)
-class ParallelConfig:
-    """Parallel layout of the actor; world size = tp * pp * cp * dp."""
-
-    tensor_parallel: int = 1
-    """Tensor-parallel size (splits heads, FFN and vocab)."""
-    pipeline_parallel: int = 1
-    """Pipeline-parallel stages."""
-    virtual_pipeline: int | None = None
-    """Model chunks per pipeline stage (interleaved schedule); None = 1."""
-    context_parallel: int = 1
-    """Context-parallel size (splits each sequence into 2*CP zigzag chunks)."""
-    data_parallel: int | None = None
-    """Data-parallel size; None = whatever the world size leaves."""
-    sequence_parallel: bool | None = None
-    """Shard norm / dropout activations along the sequence over the TP ranks; None: on with
-    the TE spec and TP > 1 (Megatron's usual setting), off otherwise."""
-
-    def __post_init__(self) -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.virtual_pipeline is not None and self.virtual_pipeline < 1:
-            raise ValueError(f"virtual_pipeline must be >= 1 or None, got {self.virtual_pipeline}")
-        if self.virtual_pipeline not in (None, 1) and self.pipeline_parallel < 2:
-            raise ValueError("virtual_pipeline > 1 needs pipeline_parallel >= 2")
-        if self.sequence_parallel and self.tensor_parallel < 2:
-            raise ValueError("sequence_parallel needs tensor_parallel >= 2")
-        if self.data_parallel is not None and self.data_parallel < 1:
-            raise ValueError(f"data_parallel must be >= 1, got {self.data_parallel}")
-
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
-
-    def resolve_data_parallel(self, world_size: int) -> int:
-        """DP size for ``world_size`` processes; ValueError when the layout does not divide it."""
-        if world_size % self.model_parallel_size:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_parallel * pipeline_parallel"
-                f" * context_parallel = {self.model_parallel_size}"
-            )
-        data_parallel = world_size // self.model_parallel_size
-        if self.data_parallel is not None and self.data_parallel != data_parallel:
-            raise ValueError(
-                f"data_parallel={self.data_parallel} but world size {world_size} with this layout"
-                f" gives {data_parallel}"
-            )
-        return data_parallel
+def data_parallel_size(parallel: ParallelismConfig, world_size: int) -> int:
+    """DP size of ``world_size`` processes under ``parallel``; ValueError when the layout does
+    not divide the world."""
+    if world_size % parallel.model_parallel_size:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallelism.tensor_model_parallel_size"
+            f" * pipeline_model_parallel_size * context_parallel_size = "
+            f"{parallel.model_parallel_size}"
+        )
+    return world_size // parallel.model_parallel_size
 
 
 def default_backend() -> str:
@@ -217,7 +178,7 @@ def set_local_world_env(rank: int, world_size: int, port: int) -> None:
 
 
 def init_distributed(
-    parallel: ParallelConfig,
+    parallel: ParallelismConfig,
     *,
     seed: int = 1234,
     backend: str | None = None,
@@ -234,15 +195,14 @@ def init_distributed(
     if backend == "gloo":
         cpu_compat.apply()
     init_process_group_from_env(backend, timeout_minutes)
-    data_parallel = parallel.resolve_data_parallel(dist.get_world_size())
+    data_parallel = data_parallel_size(parallel, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    vpp = parallel.virtual_pipeline if parallel.virtual_pipeline not in (None, 1) else None
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=parallel.context_parallel,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Same CPU seed on every rank: with use_cpu_initialization Megatron draws each full

@@ -13,14 +13,22 @@ again (recomputed) in the backward, so the extra memory is O(chunk_size x V / TP
 ``[N, V]`` logits never exist: a 20k-token response with a 152k vocabulary would otherwise
 need a 12 GB fp32 tensor. :func:`log_probs_from_logits` is the plain reference on materialised
 vocab-parallel logits (tests and the memory benchmark compare the two).
+
+The GEMMs (:func:`fp32_matmul`): with bf16 / fp16 hidden states and weight on CUDA, each is one
+tensor-core GEMM of the half-precision operands with fp32 accumulation and an fp32 result
+(``torch.mm(..., out_dtype=torch.float32)``). A product of two bf16 values is exact in fp32, so
+the forward logits equal the fp32 GEMM of the same values up to the order of the fp32 sums
+(the tolerance of :func:`megatron_fipo.numerics.rounding_tolerance` with depth ``H``); the
+softmax and everything after it stay fp32. In the backward the fp32 logit gradients are
+rounded to the weight's dtype for the two GEMMs (as Megatron's own output layer does: a
+relative 2^-9 per element for bf16), and accumulated in fp32. Elsewhere (CPU, fp32 models) the
+operands are upcast once (the weight once per call, not per chunk) and multiplied in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from megatron_fipo.numerics import cuda_tf32
 
 DEFAULT_CHUNK_SIZE = 1024
 # Logit given to padded vocab columns: exp() underflows to exactly 0, and unlike -inf it
@@ -48,14 +56,28 @@ def _mask_padding(logits: torch.Tensor, vocab_size: int | None, group) -> torch.
     return logits
 
 
-def tensor_core_fp32_matmul(like: torch.Tensor):
-    """For bf16 / fp16 ``like`` on CUDA: let the fp32 vocab GEMMs below run on tensor cores
-    (TF32) while inside. Their inputs are upcast bf16 / fp16 values, which TF32's 10-bit
-    mantissa holds exactly, so the forward logits are the fp32 products, accumulated in fp32;
-    only the backward's fp32 logit gradients are rounded to TF32. Without it these GEMMs run on
-    the CUDA cores: a profile on an H200 (``tools/bench/gpu_check.py``, part ``profile``) put
-    them at ~0.8 s of a 1.3 s step of a 1B model. No effect on CPU or for fp32 models."""
-    return cuda_tf32(True, active=like.is_cuda and like.dtype in (torch.bfloat16, torch.float16))
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+OUT_DTYPE_DEVICES = ("cuda", "meta")
+"""Where ``torch.mm`` takes ``out_dtype`` (half-precision operands, fp32 result): CUDA, and the
+meta device (shapes only; the CPU test of the GEMM path runs there)."""
+
+
+def half_gemm(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fp32_matmul` multiplies these operands in their own half precision."""
+    return (
+        hidden.dtype == weight.dtype
+        and hidden.dtype in HALF_DTYPES
+        and hidden.device.type in OUT_DTYPE_DEVICES
+    )
+
+
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32 (2-D operands of one dtype): one half-precision GEMM with an fp32
+    result where the device has it (see :data:`OUT_DTYPE_DEVICES`), else an fp32 GEMM (the
+    caller upcasts fp32 operands once)."""
+    if a.dtype in HALF_DTYPES and a.device.type in OUT_DTYPE_DEVICES:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
 
 
 def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, group) -> tuple:
@@ -86,16 +108,18 @@ class _ChunkedLogProbs(torch.autograd.Function):
         num_tokens = hidden.shape[0]
         log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(log_probs)
-        with tensor_core_fp32_matmul(hidden):
-            for start in range(0, num_tokens, chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = (hidden[rows].float() @ weight.float().t()).div_(temperature)
-                logits = _mask_padding(logits, vocab_size, group)
-                _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
-                    logits, targets[rows], group
-                )
-                log_probs[rows] = target_logit - log_z
-                entropy[rows] = log_z - mean_logit
+        half = half_gemm(hidden, weight)
+        weight_t = (weight if half else weight.float()).t()  # cast once, not per chunk
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = hidden[rows] if half else hidden[rows].float()
+            logits = fp32_matmul(chunk, weight_t).div_(temperature)
+            logits = _mask_padding(logits, vocab_size, group)
+            _, log_z, target_logit, mean_logit, _, _ = _chunk_statistics(
+                logits, targets[rows], group
+            )
+            log_probs[rows] = target_logit - log_z
+            entropy[rows] = log_z - mean_logit
         ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
         ctx.vocab_size = vocab_size
@@ -106,29 +130,30 @@ class _ChunkedLogProbs(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        weight32 = weight.float()
-        with tensor_core_fp32_matmul(hidden):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, start + ctx.chunk_size)
-                hidden32 = hidden[rows].float()
-                logits = (hidden32 @ weight32.t()).div_(ctx.temperature)
-                logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
-                probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
-                    logits, targets[rows], ctx.group
-                )
-                # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z]); two [n, V/TP]
-                # buffers (logits, probs) are reused in place for all of it.
-                if grad_entropy is not None:
-                    entropy_term = logits.sub_(mean_logit[:, None]).mul_(probs)
-                    entropy_term.mul_(grad_entropy[rows, None])
-                grad_logits = probs.mul_(-grad_log_probs[rows, None])
-                if grad_entropy is not None:
-                    grad_logits.sub_(entropy_term)
-                onehot_grad = (grad_log_probs[rows] * in_range)[:, None]
-                grad_logits.scatter_add_(-1, local_index[:, None], onehot_grad)
-                grad_logits.div_(ctx.temperature)
-                grad_hidden[rows] = grad_logits @ weight32
-                grad_weight += grad_logits.t() @ hidden32
+        half = half_gemm(hidden, weight)
+        operand = weight if half else weight.float()  # cast once, not per chunk
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            chunk = hidden[rows] if half else hidden[rows].float()
+            logits = fp32_matmul(chunk, operand.t()).div_(ctx.temperature)
+            logits = _mask_padding(logits, ctx.vocab_size, ctx.group)
+            probs, _, _, mean_logit, in_range, local_index = _chunk_statistics(
+                logits, targets[rows], ctx.group
+            )
+            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (z - E_p[z]); two [n, V/TP]
+            # buffers (logits, probs) are reused in place for all of it.
+            if grad_entropy is not None:
+                entropy_term = logits.sub_(mean_logit[:, None]).mul_(probs)
+                entropy_term.mul_(grad_entropy[rows, None])
+            grad_logits = probs.mul_(-grad_log_probs[rows, None])
+            if grad_entropy is not None:
+                grad_logits.sub_(entropy_term)
+            onehot_grad = (grad_log_probs[rows] * in_range)[:, None]
+            grad_logits.scatter_add_(-1, local_index[:, None], onehot_grad)
+            grad_logits.div_(ctx.temperature)
+            grad_logits = grad_logits.to(operand.dtype)  # half GEMMs take half operands
+            grad_hidden[rows] = fp32_matmul(grad_logits, operand)
+            grad_weight += fp32_matmul(grad_logits.t(), chunk)
         grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
         return (*grads, None, None, None, None, None)
 
@@ -188,6 +213,36 @@ def chunked_log_probs(
         vocab_size,
     )
     return log_probs.view(lead), entropy.view(lead)
+
+
+def vocab_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    sequence_parallel: bool,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's head: :func:`chunked_log_probs` of the last stage's hidden states
+    ``[S, B, H]`` (``[S / TP, B, H]`` on each TP rank under sequence parallelism) for
+    ``targets`` ``[S, B]``; returns ``[S, B]`` log-probs and entropy."""
+    if sequence_parallel:
+        from megatron_fipo.megatron.cp_attention import gather_sequence
+
+        # [S / TP, B, H] -> [S, B, H] over the TP group; its backward reduce-scatters (sums
+        # over TP), so chunked_log_probs must not all-reduce the gradient again.
+        hidden = gather_sequence(hidden, _tp_group(None))
+    return chunked_log_probs(
+        hidden,
+        weight,
+        targets,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        reduce_hidden_grad=not sequence_parallel,
+    )
 
 
 def log_probs_from_logits(

@@ -23,9 +23,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_fipo.megatron.distributed import ParallelConfig
+from megatron_fipo.config import (
+    ModelConfig,
+    ParallelismConfig,
+    check_actor_sections,
+    resolved_sequence_parallel,
+)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``model.dtype`` -> torch dtype."""
 VOCAB_ALIGNMENT = 128
 
 
@@ -96,32 +103,16 @@ def rope_scaling_factor(hf_config: Any) -> float | None:
 
 
 def transformer_config_from_hf(
-    hf_config: Any,
-    parallel: ParallelConfig,
-    *,
-    dtype: torch.dtype = torch.float32,
-    spec: str = "local",
-    fp8: str | None = None,
-    fp8_recipe: str = "delayed",
-    recompute_granularity: str | None = None,
-    **overrides: Any,
+    hf_config: Any, model: ModelConfig, parallel: ParallelismConfig, **overrides: Any
 ):
-    """Megatron ``TransformerConfig`` for the HF model under ``parallel``.
-
-    ``dtype``: parameter/compute dtype (bf16 on GPU, fp32 on CPU). ``fp8``: None, ``"e4m3"`` or
-    ``"hybrid"`` (TE spec only); ``fp8_recipe``: ``delayed`` / ``tensorwise`` / ``blockwise`` /
-    ``mxfp8``. ``overrides``: further ``TransformerConfig`` fields.
-    """
+    """Megatron ``TransformerConfig`` for the HF model built as the ``model`` section says
+    (dtype, spec, FP8, recomputation) under the ``parallel`` layout. ``overrides``: further
+    ``TransformerConfig`` fields."""
     from megatron.core.transformer import TransformerConfig
 
+    check_actor_sections(model, parallel)
     model_type = _model_type(hf_config)
-    if parallel.sequence_parallel and spec != "te":
-        raise ValueError(
-            "sequence_parallel=True needs spec='te': megatron-core's local (torch) norms do not "
-            "support sequence parallelism"
-        )
-    if fp8 is not None and spec != "te":
-        raise ValueError(f"fp8={fp8!r} needs spec='te' (TransformerEngine), got spec={spec!r}")
+    dtype = DTYPES[model.dtype]
     num_heads = hf_value(hf_config, "num_attention_heads")
     hidden = hf_value(hf_config, "hidden_size")
     qkv_bias = True if model_type == "qwen2" else bool(hf_value(hf_config, "attention_bias", False))
@@ -145,27 +136,23 @@ def transformer_config_from_hf(
         init_method_std=hf_value(hf_config, "initializer_range", 0.02),
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline
-        if parallel.virtual_pipeline not in (None, 1)
-        else None,
-        context_parallel_size=parallel.context_parallel,
-        sequence_parallel=(
-            spec == "te" and parallel.tensor_parallel > 1
-            if parallel.sequence_parallel is None
-            else parallel.sequence_parallel
-        ),
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=resolved_sequence_parallel(model, parallel),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True,
-        recompute_granularity=recompute_granularity,
-        **_kernel_options(spec),
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        **_kernel_options(model.spec),
     )
-    if fp8 is not None:
-        kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
+    if model.fp8 is not None:
+        kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe, fp8_param=model.fp8_param)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -188,12 +175,22 @@ def _kernel_options(spec: str) -> dict[str, Any]:
     )
 
 
+def uses_own_attention(spec: str, context_parallel: int = 1, packed: bool = False) -> bool:
+    """Whether the local spec puts our core attention in place of Megatron's
+    ``DotProductAttention``: with CP (which Megatron's refuses), with packed rows (it refuses
+    ``cu_seqlens``), and on CUDA (ours runs PyTorch's fused kernels; Megatron's materialises
+    the ``[s, s]`` scores). The TE spec has TE's attention."""
+    if spec != "local":
+        return False
+    return context_parallel > 1 or packed or torch.cuda.is_available()
+
+
 def layer_spec(spec: str, context_parallel: int = 1, own_attention: bool | None = None):
     """The transformer layer ``ModuleSpec`` for ``spec`` ("local" or "te").
 
-    With the local spec, ``own_attention`` (default: when CP > 1 or CUDA is present) puts our
-    :class:`~megatron_fipo.megatron.cp_attention.ContextParallelAttention` in place of
-    Megatron's ``DotProductAttention``."""
+    With the local spec, ``own_attention`` (default: :func:`uses_own_attention` for unpacked
+    rows) puts our :class:`~megatron_fipo.megatron.cp_attention.ContextParallelAttention` in
+    place of Megatron's ``DotProductAttention``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "te":
@@ -208,7 +205,7 @@ def layer_spec(spec: str, context_parallel: int = 1, own_attention: bool | None 
         raise ValueError(f"spec must be 'local' or 'te', got {spec!r}")
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if own_attention is None:
-        own_attention = context_parallel > 1 or torch.cuda.is_available()
+        own_attention = uses_own_attention(spec, context_parallel)
     if context_parallel > 1 and not own_attention:
         raise ValueError("the local spec needs our core attention for context_parallel > 1")
     if own_attention:
@@ -258,7 +255,9 @@ def build_gpt_model(
     )
 
 
-def build_model_chunks(hf_config: Any, config, *, spec: str = "local") -> list:
+def build_model_chunks(
+    hf_config: Any, config, *, spec: str = "local", own_attention: bool | None = None
+) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP).
 
     Pipeline position decides ``pre_process`` (embedding) / ``post_process`` (final norm and
@@ -282,6 +281,7 @@ def build_model_chunks(hf_config: Any, config, *, spec: str = "local") -> list:
                 ),
                 spec=spec,
                 vp_stage=vp_stage,
+                own_attention=own_attention,
             )
         )
     return chunks

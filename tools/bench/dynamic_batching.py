@@ -9,7 +9,8 @@ few near ``--max-length``). The same batch goes through ``compute_log_probs`` an
 
 - fixed: ``micro_batch_size=1``, every row padded to the batch's longest sequence (what the
   actor did before dynamic batching, and still does without ``max_tokens_per_micro_batch``);
-- dynamic: ``max_tokens_per_micro_batch=--budget``.
+- dynamic: ``max_tokens_per_micro_batch=--budget`` with padded rows (``packing=false``;
+  :mod:`tools.bench.packing` compares packed rows).
 
 Prints the padded tokens each plan computes, the wall time of each, the ratios, and the
 largest difference of the log-probs (the two plans compute the same thing).
@@ -46,19 +47,17 @@ def long_tailed_batch(count: int, max_length: int, vocab: int, seed: int = 0):
 
 
 def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
-    from megatron_fipo.megatron.actor import (
-        ActorConfig,
-        ActorOptimizerConfig,
-        MegatronActor,
-        plan_micro_batches,
-    )
-    from megatron_fipo.megatron.distributed import ParallelConfig
+    from megatron_fipo.config import OptimizerConfig
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
+    from megatron_fipo.megatron.micro_batches import plan_micro_batches
 
     actor = MegatronActor(
         hf,
-        ParallelConfig(),
-        ActorConfig(micro_batch_size=1, max_tokens_per_micro_batch=budget, seed=3),
-        ActorOptimizerConfig(lr=1e-5, lr_warmup_steps=0),
+        model_section(hf),
+        layout(micro_batch_size=1, max_tokens_per_micro_batch=budget, packing=False),
+        OptimizerConfig(lr=1e-5, lr_warmup_steps=0),
+        seed=3,
     )
     params = dict(actor.model[0].named_parameters())
     if state is None:
@@ -68,10 +67,8 @@ def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
             for name, p in params.items():
                 p.copy_(state[name])
         actor.optimizer.reload_model_params()
-    plan = plan_micro_batches(
-        batch.prompt_lengths + batch.response_lengths, actor.config, cp=1, tp=1
-    )
-    padded_tokens = sum(len(rows) * common for rows, common in plan)
+    plan = plan_micro_batches(batch.lengths, actor.parallelism, actor.model_config)
+    padded_tokens = sum(item.num_tokens for item in plan)
     start = time.perf_counter()
     log_probs = actor.compute_log_probs(batch)
     logprob_s = time.perf_counter() - start

@@ -1,4 +1,6 @@
-"""One prepared GPU check (CUDA, no TransformerEngine; under 8 minutes on one H100 / H200).
+"""One prepared GPU check (CUDA, no TransformerEngine; parts 1-9 took under 8 minutes on one
+H100 / H200; parts 10-12 are not yet timed on a GPU: ``--skip`` any part to stay within a
+10-minute lease).
 
     python -m tools.bench.gpu_check [--seq-len 2048] [--num-sequences 8] [--logprob-tokens 32768]
 
@@ -25,6 +27,8 @@
 9. Long context: one ``--long-seq-len`` (default 32768) token row through a train step with
    the local spec (flash attention through our core attention) and the chunked log-probs;
    peak memory and time.
+10-12. Side by side with a plain transformers training step, packed vs padded rows, and
+    the packed rows' attention kernel: :mod:`tools.bench.gpu_throughput`.
 
 Prints one JSON line per part and a summary; exits 1 without CUDA.
 """
@@ -38,6 +42,8 @@ import time
 import traceback
 
 import torch
+
+from tools.bench import gpu_throughput
 
 # Dense bf16 peak TFLOP/s by card name fragment (no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -104,17 +110,23 @@ def random_batch(num_sequences: int, seq_len: int, vocab: int):
     )
 
 
-def actor_step(args) -> dict:
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
+def bf16_actor(hf: dict, micro_batch_size: int = 1, parallel_fields=None, **model_fields):
+    """A one-process bf16 actor with the local spec (no TE on the device), AdamW at lr 1e-6."""
+    from megatron_fipo.config import OptimizerConfig
+    from megatron_fipo.megatron.actor import MegatronActor
+    from megatron_fipo.megatron.check_parallel import layout, model_section
 
-    hf = model_config(args.num_layers)
-    actor = MegatronActor(
+    return MegatronActor(
         hf,
-        ParallelConfig(),
-        ActorConfig(dtype="bfloat16", micro_batch_size=args.micro_batch_size),
-        ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
+        model_section(hf, dtype="bfloat16", **model_fields),
+        layout(micro_batch_size=micro_batch_size, **(parallel_fields or {})),
+        OptimizerConfig(lr=1e-6, lr_warmup_steps=0),
     )
+
+
+def actor_step(args) -> dict:
+    hf = model_config(args.num_layers)
+    actor = bf16_actor(hf, micro_batch_size=args.micro_batch_size)
     num_params = sum(p.numel() for chunk in actor.model for p in chunk.parameters())
     batch = random_batch(args.num_sequences, args.seq_len, hf["vocab_size"])
     batch.old_log_probs = actor.compute_log_probs(batch)
@@ -150,21 +162,13 @@ def profile_actor(args) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
-
     hf = model_config(args.num_layers)
     batch = random_batch(args.num_sequences, args.seq_len, hf["vocab_size"])
     result = {"part": "profile"}
     for mbs in args.profile_micro_batch_sizes:
         gc.collect()
         _reset_memory()
-        actor = MegatronActor(
-            hf,
-            ParallelConfig(),
-            ActorConfig(dtype="bfloat16", micro_batch_size=mbs),
-            ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
-        )
+        actor = bf16_actor(hf, micro_batch_size=mbs)
         batch.old_log_probs = actor.compute_log_probs(batch)
         actor.train_step(batch)  # warm-up
         _sync()
@@ -254,20 +258,10 @@ def actor_long(args) -> dict:
     """One long row through compute_log_probs and a train step (memory at long context)."""
     import gc
 
-    from megatron_fipo.megatron.actor import ActorConfig, ActorOptimizerConfig, MegatronActor
-    from megatron_fipo.megatron.distributed import ParallelConfig
-
     gc.collect()
     _reset_memory()
     hf = model_config(args.num_layers)
-    actor = MegatronActor(
-        hf,
-        ParallelConfig(),
-        ActorConfig(
-            dtype="bfloat16", micro_batch_size=1, recompute_granularity=args.long_recompute
-        ),
-        ActorOptimizerConfig(lr=1e-6, lr_warmup_steps=0),
-    )
+    actor = bf16_actor(hf, micro_batch_size=1, recompute_granularity=args.long_recompute)
     batch = random_batch(1, args.long_seq_len, hf["vocab_size"])
     batch.old_log_probs = actor.compute_log_probs(batch)
     times = []
@@ -359,13 +353,14 @@ def model_attention_check(args) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_fipo.megatron import model as model_lib
+    from megatron_fipo.megatron.check_parallel import layout, model_section
     from megatron_fipo.megatron.cp_attention import ContextParallelAttention
-    from megatron_fipo.megatron.distributed import ParallelConfig, init_distributed
+    from megatron_fipo.megatron.distributed import init_distributed
 
-    init_distributed(ParallelConfig())
+    init_distributed(layout())
     hf = model_config(2)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    config = model_lib.transformer_config_from_hf(hf, ParallelConfig(), dtype=dtype)
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    config = model_lib.transformer_config_from_hf(hf, model_section(hf, dtype=dtype), layout())
     models = []
     for own in (False, True):
         model = model_lib.build_gpt_model(hf, config, own_attention=own).to(DEVICE)
@@ -491,6 +486,9 @@ PARTS = {
     "actor": actor_step,
     "long": actor_long,
     "profile": profile_actor,
+    "side_by_side": gpu_throughput.side_by_side,
+    "packed": gpu_throughput.packed_vs_padded,
+    "packed_attention": gpu_throughput.packed_attention_check,
 }
 """The parts, in the order they run (``--skip`` names any of them)."""
 
@@ -508,6 +506,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-micro-batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--long-seq-len", type=int, default=32768)
     parser.add_argument("--long-recompute", default=None, choices=(None, "full", "selective"))
+    parser.add_argument("--packed-lengths", type=int, nargs=2, default=[200, 20480])
+    parser.add_argument("--packed-sequences", type=int, default=16)
+    parser.add_argument("--packed-steps", type=int, default=2)
     parser.add_argument(
         "--skip",
         nargs="*",

@@ -54,8 +54,10 @@ class PlacementPlan:
         return bool(self.engine_bundles) and self.engine_bundles[0][0] in self.train_bundles
 
 
-def plan_placement(config: FipoConfig, cpus_per_gpu: float = 4.0) -> PlacementPlan:
-    """The bundles of a run (``config.validate_layout`` checks the sizes first)."""
+def plan_placement(config: FipoConfig, cpus_per_gpu: float | None = None) -> PlacementPlan:
+    """The bundles of a run (``config.validate_layout`` checks the sizes first). On GPU each
+    bundle reserves ``cpus_per_gpu`` CPUs: given, else ``trainer.cpus_per_node`` shared by the
+    node's GPUs, else 4."""
     trainer, rollout = config.trainer, config.rollout
     config.validate_layout()
     use_gpu = trainer.gpus_per_node > 0
@@ -73,7 +75,11 @@ def plan_placement(config: FipoConfig, cpus_per_gpu: float = 4.0) -> PlacementPl
     else:
         # trainer.cpus_per_node, when given, is shared by the node's GPUs (bundles).
         cpus = (
-            trainer.cpus_per_node / trainer.gpus_per_node if trainer.cpus_per_node else cpus_per_gpu
+            cpus_per_gpu
+            if cpus_per_gpu is not None
+            else trainer.cpus_per_node / trainer.gpus_per_node
+            if trainer.cpus_per_node
+            else 4.0
         )
     return PlacementPlan(
         use_gpu=use_gpu,

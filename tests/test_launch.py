@@ -113,7 +113,9 @@ def test_memory_estimate_responds_to_the_knobs():
         "model.recompute_method=null",
         "model.recompute_num_layers=null",
     )
-    replicated = estimate("parallelism.use_distributed_optimizer=false")
+    replicated = estimate(
+        "parallelism.use_distributed_optimizer=false", "parallelism.overlap_param_gather=false"
+    )
     assert no_recompute.activations > 10 * base.activations
     assert replicated.optimizer == pytest.approx(8 * base.optimizer)
     assert replicated.weights == base.weights

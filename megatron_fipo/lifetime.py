@@ -10,6 +10,7 @@ small *guardian* process that outlives what it watches by design:
   SIGKILLs that group as soon as the process is gone. Everything it started and that did not
   leave the group goes with it: Megatron's checkpoint-writer manager and its resource
   tracker, forked writers, whatever a user hook spawned. Ray actors and harness ranks call it.
+  The named shared-memory segments the dead processes created are then removed.
 - :func:`guard_descendants`: a guardian that records the calling process's descendants every
   second and SIGKILLs those still alive once the process is gone. The driver calls it when it
   starts local Ray: after a ``kill -9`` of the driver, Ray's dashboard and runtime-env agents
@@ -18,7 +19,9 @@ small *guardian* process that outlives what it watches by design:
   instead of init, so the test session can see (and end) every process the tests left behind.
 
 A guardian watches its process through a pidfd the watched process opens for itself and
-hands over, so a recycled pid can never be mistaken for it. It is started in a process group
+hands over, so a recycled pid can never be mistaken for it. It is a grandchild (its launcher
+exits at once): Ray kills the children of an exiting worker, which must not include the
+guardian that is to clean up after it. It is started in a process group
 of its own: a ``kill -9 -PGID`` of the run's group cannot take it down with the others. This
 file is also the guardian's program (``python -I lifetime.py guard ...``), so it imports only
 the standard library at module level.
@@ -27,6 +30,7 @@ the standard library at module level.
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import select
 import signal
@@ -86,13 +90,17 @@ def _start_guardian(mode: str) -> None:
     try:
         # -I: the guardian ignores PYTHONPATH and the user site; it needs only this file.
         command = [sys.executable, "-I", os.path.abspath(__file__), GUARDIAN_MARK, mode]
-        _guardians[mode] = subprocess.Popen(
+        launcher = subprocess.Popen(
             [*command, str(os.getpid()), str(pidfd)],
             pass_fds=(pidfd,),
             process_group=0,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
+        # The launcher forks the guardian and exits at once: a guardian that stayed our direct
+        # child would die with us (Ray kills an exiting worker's children), before its work.
+        launcher.wait()
+        _guardians[mode] = launcher
     finally:
         os.close(pidfd)
 
@@ -138,6 +146,33 @@ def _kill_recorded(recorded: list) -> None:
             pass
 
 
+def _unlink_shared_memory(pids: list[int]) -> None:
+    """Remove the named shared-memory segments the dead processes ``pids`` created (torch's
+    ``file_system`` sharing names them ``torch_<pid>_...``: engine weights, weight-sync
+    buckets). torch's shm manager would do it, but Ray kills a dead worker's children, the
+    manager among them, and the segments would stay in /dev/shm for good. Processes that
+    still map a segment keep their mapping."""
+    for pid in set(pids):
+        for path in glob.glob(f"/dev/shm/torch_{pid}_*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _group_members(group: int) -> list:
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.pid != os.getpid():
+                members.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
 def _guard(mode: str, pid: int, pidfd: int) -> None:
     """The guardian's body: wait for ``pid`` to exit, then end what it left behind."""
     recorded: list = []
@@ -148,14 +183,12 @@ def _guard(mode: str, pid: int, pidfd: int) -> None:
         ready, _, _ = select.select([pidfd], [], [], timeout)
         if ready:
             break
-    if mode == "group":
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the group had already emptied
-    else:
-        _kill_recorded(recorded)
+    victims = _group_members(pid) if mode == "group" else recorded
+    _kill_recorded(victims)
+    _unlink_shared_memory([pid, *(process.pid for process in victims)])
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == GUARDIAN_MARK:
-    _guard(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if os.fork() == 0:  # the guardian: re-parented once the launcher exits
+        _guard(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    os._exit(0)

@@ -116,17 +116,20 @@ class EngineWeightsLink:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.targets: dict[str, Any] | None = None
+        self._payload: str | None = None
         use_file_system_sharing()
 
     @contextlib.contextmanager
     def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
         from megatron_fipo.rollout.flat_bucket import open_named
 
-        self.targets = dict(open_named(call_engine(self.handle, "weights_payload")))
-        try:
-            yield
-        finally:
-            self.targets = None  # drop the mappings: the engine may move its weights
+        payload = call_engine(self.handle, "weights_payload")
+        if payload != self._payload:
+            # New storage (first sync, or the engine moved its weights: on GPU a release and
+            # resume does). Otherwise the mapping stays, and with it its populated page tables.
+            self.targets, self._payload = None, None
+            self.targets, self._payload = dict(open_named(payload)), payload
+        yield
 
     def load(self, bucket: FlatBucket, last: bool) -> None:
         """Nothing to send: the pieces are already in the engine's weights."""

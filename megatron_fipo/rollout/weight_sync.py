@@ -193,14 +193,14 @@ class WeightSync:
 
     def iter_assembled(
         self, targets: dict[str, torch.Tensor] | None = None
-    ) -> Iterator[tuple[FlatBucket, bool]]:
+    ) -> Iterator[tuple[FlatBucket | None, bool]]:
         """Every rank: each bucket as one flat buffer of HF-named tensors (shared memory on
         CPU), assembled from the TP ranks' exchanged shards in a single copy
         (:mod:`bucket_assembly`), then broadcast over PP from its stage; with ``is_last``.
 
         ``targets``: the engine's own weight tensors (mapped from its process): the pieces are
-        then written straight into them (with PP > 1, from the broadcast flat buffer), and the
-        yielded buckets are only for the record."""
+        then written straight into them and None is yielded per bucket (with PP > 1 they are
+        copied from the broadcast flat buffer, which is yielded)."""
         tp_size = dist.get_world_size(self.tp_group)
         pp_rank, pp_size = dist.get_rank(self.pp_group), dist.get_world_size(self.pp_group)
         shards = {shard.name: shard for shard in self._shards_fn()}
@@ -218,11 +218,16 @@ class WeightSync:
         for position, (stage, bucket) in enumerate(plan):
             entries = assembly.hf_entries(self.adapter, bucket)
             dtype = _DTYPES[self.config.dtype] if self.config.dtype else bucket[0].dtype
+            direct = targets is not None and pp_size == 1
+            if direct:  # straight into the engine's weights: no flat bucket at all
+                self._assemble(bucket, shards, targets, tp_size, device)
+                self._record(bucket)
+                yield None, position == len(plan) - 1
+                continue
             out = self._packer.take(sum(e.numel for e in entries), dtype, device)
             flat = FlatBucket(out, entries)
-            direct = targets is not None and pp_size == 1
             if stage == pp_rank:
-                views = targets if direct else dict(flat.named_tensors())
+                views = dict(flat.named_tensors())
                 self._assemble(bucket, shards, views, tp_size, device)
             if pp_size > 1:
                 source = dist.get_global_rank(self.pp_group, stage)

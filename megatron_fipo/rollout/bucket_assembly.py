@@ -1,10 +1,11 @@
 """A weight-sync bucket assembled straight into the engines' layout, for every TP rank at once.
 
-Each TP rank packs its local shards of the bucket's parameters into one flat buffer; the ranks
-exchange those buffers (one ``all_gather_into_tensor``; on CPU, shared-memory names instead,
-since the ranks of a TP group share a node); then every rank copies each piece of every shard
-once, straight into its place in a flat buffer of HF-named tensors (the buffer the engine beside
-it reads). No full Megatron-layout tensor is ever built.
+The TP ranks of a stage exchange their shards of the bucket's parameters: on GPU one
+``all_gather_into_tensor`` of each rank's packed shards; on CPU (a TP group shares a node) only
+references to the live parameters, kept in named shared memory, so a peer reads them in place.
+Every rank then copies each piece of every shard once, straight into its place in the HF
+tensors (a flat bucket, or the weights of the engine beside it). No full Megatron-layout tensor
+is ever built.
 
 The pieces compose two layouts:
 
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_convert.adapters import OUTPUT, split_layer_name
-from megatron_fipo.rollout.flat_bucket import BucketEntry, FlatBucket, open_shared, share
+from megatron_fipo.rollout.flat_bucket import BucketEntry
 
 
 def exported(adapter: Any, megatron_name: str) -> bool:
@@ -73,58 +74,77 @@ def shard_segments(meta: Any, rank: int, tp_size: int) -> list[tuple[int, int, i
     return [(0, rank * rows, rows, 0)]
 
 
-def pack_local(metas: Sequence[Any], shards: dict[str, Any], out: torch.Tensor) -> None:
-    """This rank's shards of ``metas``, end to end in ``out`` (1-D)."""
+def shared_shards(
+    metas: Sequence[Any], shards: dict[str, Any], group: Any, mapped: dict[str, dict]
+) -> list[dict]:
+    """CPU: every TP rank's shards of ``metas`` (``{name: tensor}`` per rank, rank order), read
+    in place. Each rank's parameters live in named shared memory (moved there the first time:
+    views stay valid) and only references travel; a peer maps them once and keeps the mapping
+    while the storage stays. The parameters must not change until every rank has read them
+    (the caller's barrier). ``mapped``: the peers' opened payloads, kept between calls (a
+    payload names the same storage for as long as it exists; reopening it would fault every
+    page in again)."""
+    from megatron_fipo.rollout.flat_bucket import open_named, serialize_named
+
+    local = {meta.name: shards[meta.name].tensor.detach() for meta in metas}
+    for tensor in local.values():
+        if not tensor.is_shared():
+            tensor.share_memory_()
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    payloads: list[Any] = [None] * size
+    dist.all_gather_object(payloads, serialize_named(list(local.items())), group=group)
+    out = []
+    for peer, payload in enumerate(payloads):
+        if peer == rank:
+            out.append(local)
+            continue
+        if payload not in mapped:
+            if len(mapped) > 256:  # storages that changed leave stale entries: start afresh
+                mapped.clear()
+            mapped[payload] = dict(open_named(payload))
+        out.append(mapped[payload])
+    return out
+
+
+def gathered_shards(
+    metas: Sequence[Any], shards: dict[str, Any], group: Any, local: torch.Tensor, out: torch.Tensor
+) -> list[dict]:
+    """Every TP rank's shards of ``metas`` by one ``all_gather_into_tensor`` (GPU): this rank's
+    packed into ``local``, everyone's into ``out`` (``TP x`` its size)."""
+    size = dist.get_world_size(group)
     offset = 0
     for meta in metas:
         tensor = shards[meta.name].tensor
-        out[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+        local[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
         offset += tensor.numel()
-
-
-def exchange(local: torch.Tensor, group: Any, gathered: torch.Tensor | None) -> list[torch.Tensor]:
-    """Every TP rank's packed shards (``local`` of each), in rank order.
-
-    CPU: ``local`` lives in shared memory and only its name travels (the ranks of a TP group
-    share a node); the caller must keep every peer's buffer unchanged until all ranks have read
-    (a barrier). Otherwise one ``all_gather_into_tensor`` into ``gathered``.
-    """
-    size = dist.get_world_size(group)
-    if local.device.type == "cpu":
-        names: list[Any] = [None] * size
-        dist.all_gather_object(names, share_tensor(local), group=group)
-        return [local if i == dist.get_rank(group) else open_tensor(n) for i, n in enumerate(names)]
-    dist.all_gather_into_tensor(gathered, local, group=group)
-    return list(gathered.view(size, -1))
-
-
-def share_tensor(tensor: torch.Tensor) -> str:
-    return share(FlatBucket(tensor, ()))
-
-
-def open_tensor(payload: str) -> torch.Tensor:
-    return open_shared(payload).buffer
+    dist.all_gather_into_tensor(out, local, group=group)
+    per_rank = []
+    for flat in out.view(size, -1):
+        views, offset = {}, 0
+        for meta in metas:
+            numel = shard_numel(meta, size)
+            views[meta.name] = flat[offset : offset + numel].view(shard_shape(meta, size))
+            offset += numel
+        per_rank.append(views)
+    return per_rank
 
 
 def assemble(
     adapter: Any,
     metas: Sequence[Any],
-    rank_flats: Sequence[torch.Tensor],
+    rank_shards: Sequence[dict[str, torch.Tensor]],
     views: dict[str, torch.Tensor],
 ) -> None:
-    """Copy every piece of every rank's shards into the HF tensors ``views`` (by name: slices of
-    a flat bucket, or an engine's own weights)."""
-    tp_size = len(rank_flats)
-    offset = 0
+    """Copy every piece of every rank's shards (``{name: shard}`` per TP rank, rank order) into
+    the HF tensors ``views`` (by name: slices of a flat bucket, or an engine's own weights)."""
+    tp_size = len(rank_shards)
     for meta in metas:
-        numel = shard_numel(meta, tp_size)
-        if exported(adapter, meta.name):
-            pieces = adapter.row_pieces(meta.name)
-            for rank, flat in enumerate(rank_flats):
-                shard = flat[offset : offset + numel].view(shard_shape(meta, tp_size))
-                for segment in shard_segments(meta, rank, tp_size):
-                    _copy_segment(views, pieces, shard, segment)
-        offset += numel
+        if not exported(adapter, meta.name):
+            continue
+        pieces = adapter.row_pieces(meta.name)
+        for rank, shards in enumerate(rank_shards):
+            for segment in shard_segments(meta, rank, tp_size):
+                _copy_segment(views, pieces, shards[meta.name], segment)
 
 
 def _copy_segment(views: dict, pieces: list, shard: torch.Tensor, segment: tuple) -> None:

@@ -145,8 +145,9 @@ class WeightSync:
         self.stats = SyncStats()
         self._buffers: dict[str, torch.Tensor] = {}
         self._packer = BucketPacker()
-        self._local = ReusedBuffer()  # this rank's shards of a bucket (shared on CPU)
+        self._local = ReusedBuffer()  # this rank's shards of a bucket, packed (GPU)
         self._gathered = ReusedBuffer()  # every TP rank's, after an all-gather (GPU)
+        self._peers: dict[str, dict] = {}  # TP peers' parameters, mapped (CPU)
 
     def _buffer(
         self, key: str, numel: int, dtype: torch.dtype, device: torch.device
@@ -165,6 +166,7 @@ class WeightSync:
         self._buffers.clear()
         for reused in (self._packer, self._local, self._gathered):
             reused.release()
+        self._peers.clear()
 
     def push(self, link: Any, version: int, reach: Reach = "all_ranks") -> int:
         """All ranks together: each bucket, full and HF-named, packed into one flat buffer and
@@ -209,10 +211,14 @@ class WeightSync:
         stage_metas[pp_rank] = [self._meta(shard, pp_rank) for shard in shards.values()]
         if pp_size > 1:
             dist.all_gather_object(stage_metas, stage_metas[pp_rank], group=self.pp_group)
+        # Straight into an engine's weights on CPU nothing is buffered (peers' parameters are
+        # read in place): one bucket per stage, one exchange and one barrier.
+        in_place = targets is not None and pp_size == 1 and device.type == "cpu"
+        limit = float("inf") if in_place else self.config.bucket_bytes
         plan = [
             (stage, bucket)
             for stage in range(pp_size)
-            for bucket in plan_buckets(stage_metas[stage], self.config.bucket_bytes)
+            for bucket in plan_buckets(stage_metas[stage], limit)
         ]
         self.stats = SyncStats()
         for position, (stage, bucket) in enumerate(plan):
@@ -239,20 +245,21 @@ class WeightSync:
             yield flat, position == len(plan) - 1
 
     def _assemble(self, bucket, shards, views, tp_size, device) -> None:
-        numel = sum(assembly.shard_numel(meta, tp_size) for meta in bucket)
-        local = self._local.take(numel, bucket[0].dtype, device)
-        assembly.pack_local(bucket, shards, local)
         if tp_size == 1:
+            local = {meta.name: shards[meta.name].tensor for meta in bucket}
             assembly.assemble(self.adapter, bucket, [local], views)
-            return
-        gathered = None
-        if device.type != "cpu":
-            gathered = self._gathered.take(numel * tp_size, bucket[0].dtype, device)
-        flats = assembly.exchange(local, self.tp_group, gathered)
-        assembly.assemble(self.adapter, bucket, flats, views)
-        del flats
-        if device.type == "cpu":
-            dist.barrier(group=self.tp_group)  # every peer has read this rank's shards
+        elif device.type == "cpu":
+            rank_shards = assembly.shared_shards(bucket, shards, self.tp_group, self._peers)
+            assembly.assemble(self.adapter, bucket, rank_shards, views)
+            del rank_shards
+            dist.barrier(group=self.tp_group)  # every peer has read this rank's parameters
+        else:
+            numel = sum(assembly.shard_numel(meta, tp_size) for meta in bucket)
+            dtype = bucket[0].dtype
+            local = self._local.take(numel, dtype, device)
+            gathered = self._gathered.take(numel * tp_size, dtype, device)
+            rank_shards = assembly.gathered_shards(bucket, shards, self.tp_group, local, gathered)
+            assembly.assemble(self.adapter, bucket, rank_shards, views)
 
     def sync(self, engine: RolloutEngine | None, version: int | None = None) -> int:
         """Push the current weights to `engine` (given on the driving rank, None elsewhere).

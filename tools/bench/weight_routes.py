@@ -4,10 +4,11 @@ Local Ray with two CPU training ranks (Megatron TP = 2, fp32) and one HF engine 
 bundle, colocated: the real ``EngineLifecycle.sync_weights`` of the loop (engines resume, every
 rank gathers each bucket over TP, converts it to HF names, packs it into a shared-memory buffer,
 and the engine beside it copies it in; engines resume the rest). Reported: model bytes divided
-by the best-of-N sync time, next to a plain ``dst.copy_(src)`` of the same bytes timed in a
-training rank of the same run, their ratio (target >= 0.5), and what one sync moved through the
-driver (its TCP bytes, from ``ss``) and the Ray object store (the raylet's cumulative created
-bytes).
+by the best-of-N sync time, next to a plain ``dst.copy_(src)`` of the same bytes timed in the
+training ranks of the same run -- by every rank at once, as the sync has each rank write the
+model into its own engine, and by one rank alone -- their ratios (target >= 0.5), and what one
+sync moved through the driver (its TCP bytes, from ``ss``) and the Ray object store (the
+raylet's cumulative created bytes).
 
 Usage: python tools/bench/weight_routes.py [--hidden 1024] [--layers 8] [--repeats 3]
 """
@@ -125,7 +126,10 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
             tcp = max(tcp, driver_tcp_bytes() - tcp_before)
             store = max(store, object_store_created_bytes(ray) - store_before)
-        memcpy = workers.run_all("memcpy_seconds", model_bytes, args.repeats)[0]
+        # The baseline both ways: one rank alone, and every rank at once (as in the sync, where
+        # each rank writes the model's bytes into its own engine: the memory system is shared).
+        alone = workers.run_rank(0, "memcpy_seconds", model_bytes, args.repeats)
+        memcpy = max(workers.run_all("memcpy_seconds", model_bytes, args.repeats))
     finally:
         engines.run_all("shutdown")
         workers.kill()
@@ -139,14 +143,18 @@ def main() -> None:
         sync_gb_per_s=round(gb / best, 3),
         memcpy_gb_per_s=round(gb / memcpy, 3),
         ratio=round(memcpy / best, 3),
+        memcpy_alone_gb_per_s=round(gb / alone, 3),
+        ratio_to_memcpy_alone=round(alone / best, 3),
         driver_tcp_bytes_per_sync=tcp,
         object_store_bytes_per_sync=store,
     )
     print(json.dumps(result))
     print(
         f"weight sync of {result['model_gb']} GB into 2 colocated engines at TP=2: "
-        f"{result['sync_gb_per_s']} GB/s; memcpy of the same bytes: {result['memcpy_gb_per_s']} "
-        f"GB/s; ratio {result['ratio']}; through the driver {tcp} B, the object store {store} B"
+        f"{result['sync_gb_per_s']} GB/s; memcpy of the same bytes by every rank at once: "
+        f"{result['memcpy_gb_per_s']} GB/s, ratio {result['ratio']} (one rank alone: "
+        f"{result['memcpy_alone_gb_per_s']} GB/s, ratio {result['ratio_to_memcpy_alone']}); "
+        f"through the driver {tcp} B, the object store {store} B"
     )
 
 

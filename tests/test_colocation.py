@@ -104,18 +104,39 @@ class DoubleEngineWorker(EngineWorker):
 
 class TimedTrainWorker(TrainWorker):
     def __init__(self, *args, **kwargs):
+        import torch.distributed as dist
+
+        self.build_started = time.time()
         super().__init__(*args, **kwargs)
         self.phases = []
+        self.results = []
+        self.object_gathers = 0
+        gather = dist.all_gather_object
+
+        def counted(*a, **k):  # the old path gathered every rank's log-probs this way
+            self.object_gathers += 1
+            return gather(*a, **k)
+
+        dist.all_gather_object = counted
 
     def train_rollout(self, *args, **kwargs):
         start = time.time()
         try:
-            return super().train_rollout(*args, **kwargs)
+            result = super().train_rollout(*args, **kwargs)
+            self.results.append(result)
+            return result
         finally:
             self.phases.append((start, time.time()))
 
     def train_phases(self):
         return self.phases
+
+    def training_record(self):
+        return {
+            "build_started": self.build_started,
+            "results": self.results,
+            "object_gathers": self.object_gathers,
+        }
 
     def full_weights(self):
         return {name: t.clone() for name, t in self.weight_sync.iter_hf_tensors()}
@@ -223,6 +244,7 @@ def test_colocated_loop_hands_memory_over_in_order(ray_gpus, task, tmp_path):
         Trainer(config, parts).fit()
         (journal,) = parts.engines.run_all("journal")
         phases = parts.workers.run_all("train_phases")[0]
+        records = parts.workers.run_all("training_record")
         expected = parts.workers.run_all("full_weights")[0]
         served = parts.engines.run_all("weights", sorted(expected))[0]
     finally:
@@ -235,6 +257,16 @@ def test_colocated_loop_hands_memory_over_in_order(ray_gpus, task, tmp_path):
             assert released == {"kv_cache", "cuda_graph"}, released  # weights back, KV not yet
             assert body["num_payloads"] == 2  # one per engine TP rank, from its own training rank
     assert len(phases) == 2
+    # The engines started first and released everything before any training rank was built
+    # (SGLang sizes its KV cache from the memory free at its start).
+    first_release = next(s[0] for s in states if s[1] == "/release_memory_occupation")
+    assert all(first_release < record["build_started"] for record in records)
+    # The training ranks own the step: no log-prob gathered across ranks, only metrics back.
+    for record in records:
+        assert record["object_gathers"] == 0
+        assert len(record["results"]) == 2
+        for result in record["results"]:
+            assert all(isinstance(v, float) for v in result.values()), result
     for start, end in phases:  # the training phases ran on a device the engine had left
         during = [s for s in states if s[0] <= end]
         assert during[-1][2] == ALL_TAGS, during[-1]

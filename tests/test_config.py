@@ -607,3 +607,32 @@ def test_unreadable_checkpoint_config_is_named(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"model\.hf_model_path: cannot read .*broken/config"):
         check_model_checkpoint(load_config(TINY, [f"model.hf_model_path={folder}"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["rollout.weight_sync=ipc", "rollout.colocate=false", "rollout.num_gpus=8"], "'ipc' needs"),
+        (["rollout.weight_sync=nccl"], "'nccl' is for separate engine GPUs"),
+        (["rollout.weight_sync=tcp"], "rollout.weight_sync"),
+        (
+            ["rollout.engine=hf", "rollout.colocate=false", "rollout.num_gpus=8"],
+            "needs rollout.engine='sglang'",
+        ),
+    ],
+)
+def test_weight_sync_route_must_fit_the_placement_and_engine(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BIG, overrides)
+
+
+def test_weight_sync_route_defaults_by_placement():
+    assert load_config(BIG).rollout.weight_sync_mode == "ipc"  # colocated
+    separate = load_config(BIG, ["rollout.colocate=false", "rollout.num_gpus=16"])
+    assert separate.rollout.weight_sync_mode == "nccl"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-32b-fipo.yaml", "qwen2.5-32b-dapo.yaml"])
+def test_32b_recipes_overlap_grad_reduce_and_param_gather(name):
+    parallelism = load_config(CONFIGS / name).parallelism
+    assert parallelism.overlap_grad_reduce and parallelism.overlap_param_gather

@@ -53,6 +53,8 @@ def test_main_job_keeps_runs_summarises_its_own_and_resumes(tmp_path):
     first = _script(out, *SMALL, "trainer.total_training_steps=1", f"trainer.output_dir={explicit}")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no held-out evaluation in this run" in first.stdout  # (an IndexError before)
+    # stderr is a pipe, as a log file is: no progress bar redrawn with carriage returns.
+    assert "\r" not in first.stderr and "\r" not in first.stdout
     assert f"metrics: {explicit}/metrics.jsonl" in first.stdout
     assert _steps(explicit) == [1]
     assert (older / "checkpoints/step_000040").is_dir()

@@ -566,3 +566,21 @@ def test_dense_masks_only_for_megatrons_own_attention(world1):
     assert all(packed) and not any(masks) and kernels == {"per_sequence_fused"}
     masks, packed, kernels = world1.run(_masks_and_kernels, ADAM)[0]
     assert all(masks) and not any(packed) and kernels == set()
+
+
+def test_check_parallel_command_accepts_pp_x_cp():
+    """The user-facing check at PP 2 x CP 2 (the layout whose pipeline buffers had the wrong
+    shape): four gloo processes against one, every quantity within its derived tolerance."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_fipo.megatron.check_parallel"]
+        + ["--tp", "1", "--pp", "2", "--cp", "2", "--dp", "1", "--num-layers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert "tp=1 pp=2 cp=2 dp=1" in lines[0] and lines[-1] == "OK", done.stdout

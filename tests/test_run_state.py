@@ -136,6 +136,53 @@ def test_a_crash_before_the_marker_leaves_no_complete_checkpoint(tmp_path, monke
     assert latest_checkpoint(tmp_path) == first and not final.exists()
 
 
+def test_every_file_and_the_manifest_reach_the_disk_before_the_marker(tmp_path, monkeypatch):
+    """A power cut after COMPLETE must not leave files only in the page cache: every file of
+    the checkpoint, the manifest and their directories are fsynced before the marker exists."""
+    partial, final = begin_checkpoint(tmp_path, 1)
+    (partial / "actor").mkdir()
+    (partial / "actor" / "__0_0.distcp").write_bytes(b"w" * 5000)
+    save_torch({"step": 1}, partial / "trainer_state.pt")
+    synced: list[tuple[str, bool]] = []  # (what was fsynced, whether the marker existed then)
+    real_fsync = os.fsync
+
+    def spy(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        marker = (partial / "COMPLETE").exists() or (final / "COMPLETE").exists()
+        synced.append((path, marker))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    finish_checkpoint(partial, final, keep=None)
+    before_marker = {Path(path).name for path, marker in synced if not marker}
+    for name in ("__0_0.distcp", "trainer_state.pt", "actor", partial.name):
+        assert name in before_marker, (name, synced)
+    assert any(Path(path).name.startswith(MANIFEST) for path, m in synced if not m), synced
+    marker_synced = [path for path, marker in synced if marker]
+    assert marker_synced, "the marker itself and the renamed directory are synced too"
+
+
+def test_sigint_and_sigterm_ask_for_a_stop_and_a_second_signal_stops_at_once(capsys):
+    """What Ctrl-C does to a run (the SIGTERM run in test_trainer.py shows the loop's side)."""
+    import signal
+
+    from megatron_fipo.run_state import StopRequest
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(signum)
+        stop = StopRequest()
+        with stop.installed():
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+            assert stop.requested and stop.signal_name == signal.Signals(signum).name
+            with pytest.raises(KeyboardInterrupt, match="second"):
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)
+        assert signal.getsignal(signum) is before  # the previous handler is back
+        err = capsys.readouterr().err
+        assert f"{signal.Signals(signum).name} received: stopping after the current step" in err
+
+
 # ---------------------------------------------------------------------------- metrics, config
 class _Logging:
     jsonl = True

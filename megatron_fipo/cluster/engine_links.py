@@ -30,7 +30,7 @@ the receiver holds the bucket.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,10 +111,14 @@ class EngineWeightsLink:
     """Writes straight into the weights of the engine on this bundle (the HF engine): the
     engine's update payload maps its weight tensors here (shared memory on CPU, CUDA IPC on GPU),
     and the bucket assembly copies each piece into them (``targets``); nothing is sent per
-    bucket. The engine records the version when the driver closes the update."""
+    bucket. The engine records the version when the driver closes the update.
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    ``payload()``: the engine's ``weights_payload``, asked for at each update (a training
+    worker asks the engine worker's Ray actor through :func:`call_engine`; the GPU check asks
+    an engine process over a pipe)."""
+
+    def __init__(self, payload: Callable[[], str]) -> None:
+        self.payload = payload
         self.targets: dict[str, Any] | None = None
         self._payload: str | None = None
         use_file_system_sharing()
@@ -123,7 +127,7 @@ class EngineWeightsLink:
     def update(self, version: int, servers: Sequence[Any] = ()) -> Iterator[None]:
         from megatron_fipo.rollout.flat_bucket import open_named
 
-        payload = call_engine(self.handle, "weights_payload")
+        payload = self.payload()
         if payload != self._payload:
             # New storage (first sync, or the engine moved its weights: on GPU a release and
             # resume does). Otherwise the mapping stays, and with it its populated page tables.

@@ -11,6 +11,7 @@ reference, so peak extra memory stays about one bucket and no weight crosses the
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -134,7 +135,8 @@ class TrainWorker:
         self.route = route
         self.reach = "own_stage" if any(r.kind == "sglang_nccl" for r in routes) else "all_ranks"
         if route.kind == "engine_weights":
-            self.link = links.EngineWeightsLink(route.handle)
+            ask = functools.partial(links.call_engine, route.handle, "weights_payload")
+            self.link = links.EngineWeightsLink(ask)
         elif route.kind == "sglang_ipc":
             self.link = links.SGLangTensorLink(route, groups.get(route.engine))
         elif route.kind == "sglang_nccl":

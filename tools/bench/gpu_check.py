@@ -1,5 +1,5 @@
 """One prepared GPU check (CUDA, no TransformerEngine; parts 1-9 took under 8 minutes on one
-H100 / H200; parts 10-12 are not yet timed on a GPU: ``--skip`` any part to stay within a
+H100 / H200; parts 10-14 are not yet timed on a GPU: ``--skip`` any part to stay within a
 10-minute lease).
 
     python -m tools.bench.gpu_check [--seq-len 2048] [--num-sequences 8] [--logprob-tokens 32768]
@@ -29,6 +29,10 @@ H100 / H200; parts 10-12 are not yet timed on a GPU: ``--skip`` any part to stay
    peak memory and time.
 10-12. Side by side with a plain transformers training step, packed vs padded rows, and
     the packed rows' attention kernel: :mod:`tools.bench.gpu_throughput`.
+13-14. Colocation (an actor and an HF engine process on one GPU: free memory at each phase
+    boundary of two RL-like steps, engine vs actor log-probs after each sync) and IPC weight
+    sync (the full weights into another process's engine weights through the run's in-place
+    route, GB/s against a same-device copy, checked bit for bit): :mod:`tools.bench.gpu_colocation`.
 
 Prints one JSON line per part and a summary; exits 1 without CUDA.
 """
@@ -43,7 +47,7 @@ import traceback
 
 import torch
 
-from tools.bench import gpu_throughput
+from tools.bench import gpu_colocation, gpu_throughput
 
 # Dense bf16 peak TFLOP/s by card name fragment (no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -489,6 +493,8 @@ PARTS = {
     "side_by_side": gpu_throughput.side_by_side,
     "packed": gpu_throughput.packed_vs_padded,
     "packed_attention": gpu_throughput.packed_attention_check,
+    "colocation": gpu_colocation.colocation,
+    "ipc_sync": gpu_colocation.ipc_sync,
 }
 """The parts, in the order they run (``--skip`` names any of them)."""
 
@@ -509,6 +515,7 @@ def main(argv=None) -> int:
     parser.add_argument("--packed-lengths", type=int, nargs=2, default=[200, 20480])
     parser.add_argument("--packed-sequences", type=int, default=16)
     parser.add_argument("--packed-steps", type=int, default=2)
+    gpu_colocation.add_arguments(parser)
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -543,4 +550,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The importable module's main, not this __main__ copy's: the parts in other modules read
+    # its DEVICE and SIZES (``--smoke`` sets them).
+    from tools.bench import gpu_check
+
+    sys.exit(gpu_check.main())

@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from megatron_fipo.cluster.colocation import EngineLifecycle
 from megatron_fipo.cluster.engine_links import broadcast_routes, colocated_routes
-from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
+from megatron_fipo.cluster.workers import (
+    SERVERS_ON_NODE_ADDRESS,
+    EngineWorker,
+    TrainWorker,
+    hf_config_of,
+    servers_reached_from_other_nodes,
+)
 from megatron_fipo.config import FipoConfig
 from megatron_fipo.data.prompts import load_from_config
 from megatron_fipo.data.sampler import PromptDataLoader
@@ -243,8 +249,17 @@ def build_components(
     # they then release all of it until the first weight sync, so the training ranks build
     # their model and optimizer on a free device.
     hf_config = hf_config_of(config).to_dict()
+    engine_env = dict(threads)
+    if servers_reached_from_other_nodes(config, [share.address for share in placement.by_node()]):
+        engine_env[SERVERS_ON_NODE_ADDRESS] = "1"
+        print(
+            "fipo-train: the SGLang servers listen on their node's address (rollout.weight_sync="
+            "nccl: the sending training ranks on other nodes post the updates)",
+            file=sys.stderr,
+            flush=True,
+        )
     engines = RayActorGroup.engines(
-        engine_worker, placement, worker_args=(config, hf_config), env=threads
+        engine_worker, placement, worker_args=(config, hf_config), env=engine_env
     )
     if config.rollout.colocate:
         engines.run_all("release_memory")

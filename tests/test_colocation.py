@@ -120,13 +120,15 @@ class TimedTrainWorker(TrainWorker):
         dist.all_gather_object = counted
 
     def train_rollout(self, *args, **kwargs):
-        start = time.time()
+        start, gathers = time.time(), self.object_gathers
         try:
             result = super().train_rollout(*args, **kwargs)
             self.results.append(result)
             return result
         finally:
             self.phases.append((start, time.time()))
+            self.training_gathers = getattr(self, "training_gathers", 0)
+            self.training_gathers += self.object_gathers - gathers  # (weight sync has its own)
 
     def train_phases(self):
         return self.phases
@@ -135,7 +137,7 @@ class TimedTrainWorker(TrainWorker):
         return {
             "build_started": self.build_started,
             "results": self.results,
-            "object_gathers": self.object_gathers,
+            "object_gathers": self.training_gathers,
         }
 
     def full_weights(self):

@@ -612,7 +612,10 @@ def test_unreadable_checkpoint_config_is_named(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["rollout.weight_sync=ipc", "rollout.colocate=false", "rollout.num_gpus=8"], "'ipc' needs"),
+        (
+            ["rollout.weight_sync=ipc", "rollout.colocate=false", "rollout.num_gpus=8"],
+            "'ipc' needs",
+        ),
         (["rollout.weight_sync=nccl"], "'nccl' is for separate engine GPUs"),
         (["rollout.weight_sync=tcp"], "rollout.weight_sync"),
         (

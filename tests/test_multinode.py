@@ -416,3 +416,31 @@ def test_gloo_listens_on_the_node_address_it_is_bound_to():
     outputs = [rank.communicate(timeout=120)[0].split() for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0]
     assert outputs == [["2", ADDRESSES[0]], ["2", ADDRESSES[1]]]  # the store is rank 0's too
+
+
+# ---------------------------------------------------------------------------- SGLang servers
+def test_servers_listen_on_the_node_address_only_when_other_nodes_post_to_them(monkeypatch):
+    """With ``rollout.weight_sync=nccl`` over several machines, each stage's sending training
+    rank posts the update requests to every server: servers on 127.0.0.1 would be unreachable
+    from another node (it would connect to its own loopback). Colocated, or on one machine,
+    they stay on loopback."""
+    from megatron_fipo.cluster import workers
+    from megatron_fipo.config import load_config
+
+    big = ROOT / "configs/qwen2.5-32b-fipo.yaml"
+    separate = load_config(big, ["rollout.colocate=false", "rollout.num_gpus=16"])
+    colocated = load_config(big)
+    two_nodes, one_node = ["10.0.0.1", "10.0.0.2"], ["10.0.0.1", "10.0.0.1"]
+    assert workers.servers_reached_from_other_nodes(separate, two_nodes)
+    assert not workers.servers_reached_from_other_nodes(separate, one_node)
+    assert not workers.servers_reached_from_other_nodes(colocated, two_nodes)
+
+    assert workers.server_host("127.0.0.1", "10.0.0.2") == "10.0.0.2"
+    assert workers.server_host("10.9.9.9", "10.0.0.2") == "10.9.9.9"  # a chosen address stays
+
+    monkeypatch.setattr(workers, "_node_address", lambda: "10.0.0.2")
+    monkeypatch.delenv(workers.SERVERS_ON_NODE_ADDRESS, raising=False)
+    assert workers._sglang_engine_config(separate, "/model").host == "127.0.0.1"
+    monkeypatch.setenv(workers.SERVERS_ON_NODE_ADDRESS, "1")
+    settings = workers._sglang_engine_config(separate, "/model")
+    assert settings.host == "10.0.0.2" and settings.rollout.weight_sync_mode == "nccl"

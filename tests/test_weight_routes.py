@@ -135,3 +135,23 @@ def test_every_rank_feeds_its_own_engine_bit_for_bit_and_nothing_crosses_the_dri
         workers.kill()
         engines.kill()
         ray_cpu.util.remove_placement_group(placement.placement_group)
+
+
+def test_a_cuda_mapping_of_the_engines_weights_ends_with_its_update():
+    """On CPU the training rank keeps the engine's shared-memory weights mapped between updates
+    (faster next sync); over CUDA IPC it must not: the engine could not free mapped blocks when
+    it releases memory for training. The rule is read from the mapped tensors' device."""
+    from megatron_fipo.cluster.engine_links import EngineWeightsLink, keeps_mapping
+    from megatron_fipo.rollout.flat_bucket import serialize_named
+
+    weights = [("w", torch.zeros(4).share_memory_())]
+    link = EngineWeightsLink(lambda: serialize_named(weights))
+    with link.update(1):
+        link.targets["w"].fill_(3.0)
+    assert torch.equal(weights[0][1], torch.full((4,), 3.0))  # written in place
+    assert keeps_mapping(link.targets)  # shared memory: kept for the next update
+
+    class _CudaView:  # what a tensor opened from a CUDA IPC handle reports
+        is_cuda = True
+
+    assert not keeps_mapping({"w": _CudaView()}) and not keeps_mapping(None)

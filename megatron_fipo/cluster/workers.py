@@ -11,6 +11,7 @@ reference, so peak extra memory stays about one bucket and no weight crosses the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -362,6 +363,32 @@ def _sglang_engine_config(config: FipoConfig, model_path: str | None) -> Any:
     if not path:
         raise ValueError("rollout.engine=sglang needs model.hf_model_path (the servers load it)")
     gpu_ids = [int(i) for i in os.environ.get("FIPO_GPU_IDS", "0").split(",")]
+    if os.environ.get(SERVERS_ON_NODE_ADDRESS) == "1":
+        rollout = dataclasses.replace(rollout, host=server_host(rollout.host, _node_address()))
     return SGLangEngineConfig(
         model_path=path, rollout=rollout, dtype=config.model.dtype, base_gpu_id=gpu_ids[0]
     )
+
+
+SERVERS_ON_NODE_ADDRESS = "FIPO_SERVERS_ON_NODE_ADDRESS"
+"""Set (to "1") for engine workers whose servers other nodes must reach (see
+:func:`servers_reached_from_other_nodes`)."""
+
+
+def servers_reached_from_other_nodes(config: FipoConfig, node_addresses: Sequence[str]) -> bool:
+    """Whether training ranks on other nodes talk to the SGLang servers themselves: with the
+    ``nccl`` route each pipeline stage's sending rank posts the update requests, and in a run
+    over several machines it may sit on another node. Colocated (``ipc``), the posting rank
+    shares the engine's node, and the driver reaches servers only through their engine worker."""
+    return (
+        config.rollout.engine == "sglang"
+        and config.rollout.weight_sync_mode == "nccl"
+        and len(set(node_addresses)) > 1
+    )
+
+
+def server_host(configured: str, node_address: str) -> str:
+    """Where servers that other nodes must reach listen: the node's address in place of a
+    loopback ``rollout.host`` (the default); any other configured address is kept."""
+    loopback = configured.startswith("127.") or configured in ("localhost", "::1")
+    return node_address if loopback else configured

@@ -242,6 +242,9 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
         if WEIGHTS_TAG in wanted - self._released and self.device.type != "cpu":
             self.model.to("cpu")
+            # Blocks shared by CUDA IPC are held for their consumers until those let go and
+            # this process collects them (the training rank unmaps after each update).
+            torch.cuda.ipc_collect()
             torch.cuda.empty_cache()
         self._released |= wanted
 

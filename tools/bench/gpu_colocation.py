@@ -8,14 +8,14 @@ runs them on CPU at tiny sizes, in fp32):
   weights -> weight sync -> resume the rest -> generate ... The free device memory
   (``torch.cuda.mem_get_info``, every process on the device counted; None on CPU) is recorded
   at each boundary. ``engine_released_gain_gib``: free after a release minus before it, at the
-  start (nothing maps the engine's weights yet) and in each step (the training side keeps them
-  mapped between updates, as ``EngineWeightsLink`` does). The engine's log-probs of its sampled
+  start (nothing maps the engine's weights yet) and in each step (``EngineWeightsLink`` drops a
+  CUDA IPC mapping at the end of each update, so it should match the start). The engine's log-probs of its sampled
   tokens are compared with the actor's after every sync (``logprob_diff_*``; in fp32 against
   the rounding tolerance of :mod:`megatron_fipo.numerics`), beside how far each train step
   moved the log-probs of the batch it trained on (the scale of a stale engine's error). At
   the end, the engine released, the training side drops its mapping and the engine frees the
   CUDA IPC blocks it kept for it: ``unmapped_gain_gib`` is memory the release alone did not
-  hand back while the mapping stood.
+  hand back (expected about 0; the weights' size if a mapping outlived its update).
 - ``ipc_sync``: the full weights from this process's actor into the engine process's weights
   through the run's in-place route, timed (best of ``--ipc-repeats`` after a warm-up; each
   write includes asking for the engine's payload, ``payload_s``) beside a plain same-device

@@ -23,7 +23,10 @@ class ActorBatch:
     ``response_lengths``: ``[B]``; ``advantages``: ``[B]`` or ``[B, T_resp]``;
     ``old_log_probs``: ``[B, T_resp]`` (set by the actor before the updates);
     ``rollout_log_probs``: ``[B, T_resp]``, the engine's log-probs of the sampled tokens (only
-    compared with the actor's, as a health metric). ``T_resp`` >= the longest response.
+    compared with the actor's, as a health metric); ``fresh``: ``[B]`` bool, the row was sampled
+    with the weights the actor holds now (False: dynamic-sampling surplus carried over from an
+    earlier step, one version old, so its engine log-probs are not comparable). ``T_resp`` >=
+    the longest response.
     ``loss_config``: a ``PolicyLossConfig`` overriding the actor's (tests).
     """
 
@@ -33,6 +36,7 @@ class ActorBatch:
     advantages: torch.Tensor | None = None
     old_log_probs: torch.Tensor | None = None
     rollout_log_probs: torch.Tensor | None = None
+    fresh: torch.Tensor | None = None
     loss_config: Any = None
 
     def __len__(self) -> int:
@@ -59,6 +63,7 @@ class ActorBatch:
             advantages=cut(self.advantages),
             old_log_probs=cut(self.old_log_probs),
             rollout_log_probs=cut(self.rollout_log_probs),
+            fresh=cut(self.fresh),
         )
 
     @property

@@ -175,6 +175,10 @@ class Trainer:
         metrics["rollout/num_gen_batches"] = float(num_batches)
         metrics["rollout/kept_groups"] = float(len(taken))
         metrics["rollout/weights_version"] = float(self.version)
+        # Surplus groups carried over from an earlier step were sampled with older weights.
+        trained = [s.weights_version for g in taken for s in g.samples]
+        stale = sum(v != self.version for v in trained) / max(len(trained), 1)
+        metrics["rollout/stale_sample_fraction"] = float(stale)
         if generated:  # which weights the engines sampled with (all equal to the version above)
             versions = [s.weights_version for g in generated for s in g.samples]
             metrics["rollout/engine_weights_version_min"] = float(min(versions))
@@ -248,6 +252,7 @@ class Trainer:
             response_lengths=lengths,
             advantages=advantages,
             rollout_log_probs=engine_log_probs,
+            fresh=torch.tensor([s.weights_version == self.version for s in samples]),
         )
 
     def train(self, batch: Any, group_size: int) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """The rollout batch's row selection and the token-balanced data-parallel partition."""
 
+import dataclasses
+
 import torch
 
 from megatron_fipo.batch import ActorBatch, balanced_partition
@@ -38,3 +40,46 @@ def test_balanced_partition_evens_tokens_and_covers_every_row_once():
     assert max(round_robin) - min(round_robin) > max(loads) - min(loads)
     assert balanced_partition([5, 5, 5], 3) == [[0], [1], [2]]
     assert all(balanced_partition([1] * 4, 4))  # no empty part with rows >= parts
+
+
+def _agreement_case(rank, world_size):
+    from megatron_fipo.cluster.workers import _engine_agreement
+    from megatron_fipo.megatron.check_parallel import layout
+    from megatron_fipo.megatron.distributed import destroy, init_distributed
+
+    init_distributed(layout())  # data parallel over the two processes
+    try:
+        rows = 3
+        actor = torch.full((rows, 4), -1.0)
+        engine = actor.clone()
+        engine[0, 1] += 1e-6 * (rank + 1)  # a fresh row: rounding-size disagreement
+        engine[2, 0] += 0.9  # surplus from an earlier step: sampled with older weights
+        batch = ActorBatch(
+            input_ids=[torch.zeros(6, dtype=torch.int64)] * rows,
+            prompt_lengths=torch.full((rows,), 2),
+            response_lengths=torch.tensor([4, 2, 4]),
+            old_log_probs=actor,
+            rollout_log_probs=engine,
+            fresh=torch.tensor([True, True, False]),
+        )
+        with_fresh = _engine_agreement(batch)
+        everything = _engine_agreement(dataclasses.replace(batch, fresh=None))
+        only_surplus = _engine_agreement(batch.select([2]))
+        return with_fresh, everything, only_surplus
+    finally:
+        destroy()
+
+
+def test_engine_agreement_leaves_out_rows_sampled_with_older_weights():
+    """The engine-vs-actor log-prob metric compares only rows sampled with the actor's current
+    weights; dynamic-sampling surplus carried over from an earlier step is one version old."""
+    from megatron_harness import WorkerWorld
+
+    with WorkerWorld(2) as world:
+        results = world.run(_agreement_case)
+    for with_fresh, everything, only_surplus in results:
+        # 2 ranks x 6 valid fresh tokens; the largest difference is rank 1's 2e-6
+        assert abs(with_fresh["rollout/logprob_diff_max"] - 2e-6) < 1e-7
+        assert abs(with_fresh["rollout/logprob_diff_mean"] - 3e-6 / 12) < 1e-8
+        assert everything["rollout/logprob_diff_max"] > 0.8  # without the mask the surplus shows
+        assert only_surplus == {}

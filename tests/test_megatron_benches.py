@@ -40,3 +40,25 @@ def test_token_balanced_shares_beat_round_robin():
     for dp in ("dp2", "dp4"):
         balanced, round_robin = summary[dp]["balanced"], summary[dp]["round_robin"]
         assert 1.0 <= balanced["max_over_mean_tokens"] < round_robin["max_over_mean_tokens"]
+
+
+def test_weight_routes_benchmark_runs_and_sends_nothing_through_the_object_store():
+    """The README's per-device weight-sync row, at a tiny size (its own local Ray)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "tools/bench/weight_routes.py"]
+        + ["--hidden=64", "--layers=1", "--vocab=1024", "--repeats=1", "--bucket-mb=1"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert result["object_store_bytes_per_sync"] == 0
+    assert 0 < result["driver_tcp_bytes_per_sync"] < 64 * 1024
+    assert result["ratio"] > 0 and result["sync_gb_per_s"] > 0

@@ -241,8 +241,9 @@ def _node_address() -> str:
 
 def _engine_agreement(batch: Any) -> dict[str, float]:
     """How far the engine's sampled-token log-probs are from the actor's recomputed ones, over
-    every data-parallel rank's rows (a weight-sync or numerics problem shows here first; FIPO
-    itself uses the actor's)."""
+    every data-parallel rank's rows sampled with the actor's current weights (``fresh``; the
+    dynamic-sampling surplus from an earlier step is left out). A weight-sync or numerics
+    problem shows here first; FIPO itself uses the actor's."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -250,6 +251,8 @@ def _engine_agreement(batch: Any) -> dict[str, float]:
         return {}
     width = batch.old_log_probs.shape[1]
     valid = torch.arange(width) < batch.response_lengths[:, None]
+    if batch.fresh is not None:
+        valid = valid & batch.fresh[:, None]
     diff = (batch.rollout_log_probs[:, :width] - batch.old_log_probs).abs()
     diff = torch.where(valid, diff, 0.0).double()
     totals = torch.stack([diff.sum(), valid.sum().double()])
@@ -259,8 +262,10 @@ def _engine_agreement(batch: Any) -> dict[str, float]:
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(totals, group=group)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    if totals[1] == 0:  # every row was surplus from an earlier step
+        return {}
     return {
-        "rollout/logprob_diff_mean": float(totals[0] / totals[1].clamp(min=1)),
+        "rollout/logprob_diff_mean": float(totals[0] / totals[1]),
         "rollout/logprob_diff_max": float(largest[0]),
     }
 

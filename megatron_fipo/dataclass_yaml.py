@@ -1,10 +1,11 @@
 """Typed loading of nested dataclasses from YAML-shaped dicts, with ``a.b.c=value`` overrides.
 
-Generic machinery behind :mod:`megatron_fipo.config` (which holds the actual sections): every
-key is checked against the dataclass fields (unknown keys raise with the dotted key and a "did
-you mean"), every value against the field's annotation (bool, int, float, str, ``X | None``,
-``list[X]``, ``Literal[...]``, nested dataclasses; floats must be finite). :func:`load_yaml`
-refuses a mapping that repeats a key (PyYAML would keep the last one silently). Imports no torch.
+Generic machinery behind :mod:`megatron_fipo.config` (whose sections live in ``config_sections``
+and ``config_actor``): every key is checked against the dataclass fields (unknown keys raise with
+the dotted key and a "did you mean"), every value against the field's annotation (bool, int,
+float, str, ``X | None``, ``list[X]``, ``Literal[...]``, nested dataclasses; floats must be
+finite). :func:`load_yaml` refuses a mapping that repeats a key (PyYAML would keep the last one
+silently). Imports no torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The actor's config sections: one default and one validation per knob, in ``config.py``.
+"""The actor's config sections: one default and one validation per knob, in ``config_actor.py``.
 
 The actor takes the run config's ``model`` / ``parallelism`` / ``optimizer`` sections as they
 are (no second config layer); the rules that span them live in one function that both the run

@@ -26,6 +26,7 @@ from packaging.version import Version
 from megatron_fipo.cluster import engine_links as links
 from megatron_fipo.config import RolloutConfig
 from megatron_fipo.rollout import sglang_engine as se
+from megatron_fipo.rollout import sglang_launch as sl
 from megatron_fipo.rollout import sglang_server as ss
 from megatron_fipo.rollout.engine import GenerationRequest, SamplingParams
 
@@ -180,8 +181,9 @@ def routes(wheel: zipfile.ZipFile) -> dict[str, tuple[set[str], str | None]]:
 def client_calls() -> set[tuple[str, str]]:
     """(method, route) of every HTTP call in our client, read from its source."""
     calls, literals = set(), set()
-    # The engine, its servers, and the training ranks' links (they post weight buckets).
-    for module in (se, ss, links):
+    # The engine, its launch settings, its servers, and the training ranks' links (they post
+    # weight buckets).
+    for module in (se, sl, ss, links):
         tree = ast.parse(pathlib.Path(module.__file__).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):

@@ -35,22 +35,22 @@ EOS token; pass EOS in `stop_token_ids` so both engines agree.
 A server that dies (the process exits or its socket fails) is killed with its whole process tree,
 restarted, resynced to the current weights version, and the requests it had not finished are sent
 again.
+
+The engine's settings (`SGLangEngineConfig`), the server command line (`default_launch_command`),
+`SERVER_ENV` and `SGLANG_VERSION` live in `sglang_launch.py`; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.config import RolloutConfig
 from megatron_fipo.rollout.engine import (
     EngineHealth,
     GenerationRequest,
@@ -59,6 +59,13 @@ from megatron_fipo.rollout.engine import (
     WeightsNeeded,
     iter_buckets,
     validate_requests,
+)
+from megatron_fipo.rollout.sglang_launch import (
+    SERVER_ENV,
+    SGLANG_VERSION,
+    LaunchCommand,
+    SGLangEngineConfig,
+    default_launch_command,
 )
 from megatron_fipo.rollout.sglang_server import (
     BroadcastRefused,
@@ -79,86 +86,10 @@ from megatron_fipo.rollout.sglang_server import (
     tensor_bucket_payload,
 )
 
-SGLANG_VERSION = "0.5.23"
-"""The release whose protocol this engine speaks (pinned in requirements/gpu-constraints.txt)."""
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 """What `/release_memory_occupation` releases when given no tags (SGLang's GPU_MEMORY_ALL_TYPES)."""
-SERVER_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
-"""Makes `/health` a status check without a generation (it answers 503 while starting)."""
 PAUSE_MODE = "abort"
 """`/pause_generation` mode: abort running requests (their clients get finish reason abort)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class SGLangEngineConfig:
-    """One engine: what its servers load and where they run. Every setting comes from the run's
-    rollout section (``rollout``, passed as is: TP size, memory fraction, host, bucket size,
-    determinism, extra arguments, and ``rollout.sglang``'s timeouts, concurrency and restarts);
-    the fields here are facts of the placement."""
-
-    model_path: str
-    """HF model directory the servers load at start (architecture, tokenizer-free)."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    dtype: str = "bfloat16"
-    """The model's dtype (``model.dtype``)."""
-    num_servers: int = 1
-    base_gpu_id: int = 0
-    """Physical GPU index of server 0's first rank; server i uses GPUs [base_gpu_id + i *
-    tp_size, ...). Tensor updates are staged on each receiving rank's own GPU
-    (`staging_devices`), never on the process's current device."""
-    weight_update_mode: Literal["tensor", "distributed"] = "tensor"
-    """How `update_weights` (weights pushed through this engine's process, as tools do) reaches
-    the servers; a run's training ranks feed the servers themselves (`begin_external_update`)."""
-    group_backend: str = "nccl"
-    """Backend of the distributed weight-update group (gloo only for CPU tests)."""
-    group_name: str = "fipo_weight_update"
-
-    def __post_init__(self) -> None:
-        if not self.model_path:
-            raise ValueError("SGLangEngineConfig.model_path is empty")
-        if self.num_servers < 1:
-            raise ValueError(f"SGLangEngineConfig.num_servers must be >= 1, got {self.num_servers}")
-        if self.base_gpu_id < 0:
-            raise ValueError(f"SGLangEngineConfig.base_gpu_id must be >= 0, got {self.base_gpu_id}")
-        if self.weight_update_mode not in ("tensor", "distributed"):
-            raise ValueError(
-                f"SGLangEngineConfig.weight_update_mode must be 'tensor' or 'distributed', "
-                f"got {self.weight_update_mode!r}"
-            )
-
-    # The rollout section's settings, under the names the engine uses.
-    tp_size = property(lambda self: self.rollout.engine_tensor_parallel_size)
-    mem_fraction_static = property(lambda self: self.rollout.mem_fraction_static)
-    host = property(lambda self: self.rollout.host)
-    update_bucket_bytes = property(lambda self: self.rollout.weight_sync_bucket_bytes)
-    deterministic_inference = property(lambda self: self.rollout.deterministic_inference)
-    extra_server_args = property(lambda self: tuple(self.rollout.extra_server_args))
-    startup_timeout_s = property(lambda self: self.rollout.sglang.startup_timeout_s)
-    request_timeout_s = property(lambda self: self.rollout.sglang.request_timeout_s)
-    max_concurrent_requests = property(lambda self: self.rollout.sglang.max_concurrent_requests)
-    max_restarts = property(lambda self: self.rollout.sglang.max_restarts)
-
-
-LaunchCommand = Callable[[SGLangEngineConfig, ServerSpec], list[str]]
-
-
-def default_launch_command(config: SGLangEngineConfig, spec: ServerSpec) -> list[str]:
-    """`python -m sglang.launch_server ...` for one server (token ids in, no tokenizer)."""
-    deterministic = ["--enable-deterministic-inference"] if config.deterministic_inference else []
-    return [
-        sys.executable, "-m", "sglang.launch_server",
-        "--model-path", config.model_path,
-        "--host", spec.host,
-        "--port", str(spec.port),
-        "--tp-size", str(config.tp_size),
-        "--base-gpu-id", str(spec.base_gpu_id),
-        "--mem-fraction-static", str(config.mem_fraction_static),
-        "--dtype", config.dtype,
-        "--skip-tokenizer-init",
-        "--enable-memory-saver",
-        *deterministic,
-        *config.extra_server_args,
-    ]  # fmt: skip
 
 
 class SGLangRolloutEngine(RolloutEngine):

@@ -17,6 +17,7 @@ Placement (Ray), engines, rewards and bookkeeping live in the components this mo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import zlib
@@ -366,14 +367,7 @@ class _PhaseTimer:
 
 def _with_seed(sampling: SamplingParams, seed: int, tag: str, index: int, j: int) -> SamplingParams:
     key = f"{seed}/{tag}/{index}/{j}".encode()
-    return SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        max_new_tokens=sampling.max_new_tokens,
-        stop_token_ids=sampling.stop_token_ids,
-        seed=zlib.crc32(key),
-    )
+    return dataclasses.replace(sampling, seed=zlib.crc32(key))
 
 
 def _rollout_metrics(groups: list[ResponseGroup]) -> dict[str, float]:

@@ -6,9 +6,6 @@ cumulative created bytes from the raylet), not assumed."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from megatron_fipo.cluster.colocation import EngineLifecycle
 from megatron_fipo.cluster.workers import EngineWorker, TrainWorker, hf_config_of
 from megatron_fipo.components import engine_routes
 from megatron_fipo.config import load_config
+from tools.bench.weight_routes import driver_tcp_bytes, object_store_created_bytes
 
 TINY = Path(__file__).resolve().parent.parent / "configs/tiny-cpu.yaml"
 
@@ -68,25 +66,6 @@ def _config(tp: int, pp: int):
     )
 
 
-def _driver_tcp_bytes() -> int:
-    """Bytes this process sent plus received over TCP so far (``ss``: per-socket counters)."""
-    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
-    total, ours = 0, False
-    for line in out.splitlines():
-        if "users:(" in line:
-            ours = f"pid={os.getpid()}," in line
-        elif ours:
-            total += sum(int(v) for v in re.findall(r"bytes_(?:sent|received):(\d+)", line))
-    return total
-
-
-def _object_store_created_bytes(ray) -> int:
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-    return get_memory_info_reply(state).store_stats.cumulative_created_bytes
-
-
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_every_rank_feeds_its_own_engine_bit_for_bit_and_nothing_crosses_the_driver(
     ray_cpu, tp, pp
@@ -115,10 +94,10 @@ def test_every_rank_feeds_its_own_engine_bit_for_bit_and_nothing_crosses_the_dri
         engines.run_all("release_memory")
         for version, seed in ((1, 0), (2, 1)):  # a second sync after the weights changed
             workers.run_all("change_weights", seed)
-            store_before, tcp_before = _object_store_created_bytes(ray_cpu), _driver_tcp_bytes()
+            store_before, tcp_before = object_store_created_bytes(ray_cpu), driver_tcp_bytes()
             lifecycle.sync_weights(version)  # resume weights, sync, resume the rest
-            tcp = _driver_tcp_bytes() - tcp_before
-            store = _object_store_created_bytes(ray_cpu) - store_before
+            tcp = driver_tcp_bytes() - tcp_before
+            store = object_store_created_bytes(ray_cpu) - store_before
             expected = workers.run_all("full_weights")[0]
             model_bytes = sum(t.numel() * t.element_size() for t in expected.values())
             assert store == 0, store

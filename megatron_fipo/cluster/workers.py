@@ -167,13 +167,6 @@ class TrainWorker:
         """This rank's :class:`EngineRoute` (set by ``connect_engines``)."""
         return self.route
 
-    def offload_state(self) -> None:
-        """Optimizer state and gradient buffers off the device (colocated engines generate)."""
-        self.actor.offload_train_state()
-
-    def restore_state(self) -> None:
-        self.actor.restore_train_state()
-
     def gpu_memory(self) -> tuple[float, float] | None:
         """(free, total) GiB of this rank's GPU (every process on it counted); None without
         CUDA (e.g. Ray's logical GPUs in tests)."""
@@ -193,9 +186,6 @@ class TrainWorker:
 
     def load(self, path: str) -> None:
         self.actor.load(path, load_optimizer=True)
-
-    def num_parameters(self) -> int:
-        return sum(shard.tensor.numel() for shard in self.actor.named_parameters_for_sync())
 
 
 class _LinkWithServers:

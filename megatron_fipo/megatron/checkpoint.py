@@ -181,12 +181,6 @@ def load_model_checkpoint(model_chunks: list, path: str) -> None:
         unwrap(chunk).load_state_dict(state[f"model{index}"], strict=True)
 
 
-def read_hf_config(path: str) -> dict:
-    """The HF ``config.json`` saved beside a checkpoint."""
-    with open(os.path.join(path, HF_CONFIG)) as handle:
-        return json.load(handle)
-
-
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 

@@ -142,11 +142,6 @@ class SequenceLayout:
         """Length of each of the ``2 * cp_size`` chunks of each sequence."""
         return tuple(p // (2 * self.cp_size) for p in self.padded_lengths)
 
-    @property
-    def chunk_ids(self) -> tuple[int, int]:
-        """The two chunks (left to right in the local row) this rank holds of each sequence."""
-        return self.cp_rank, 2 * self.cp_size - 1 - self.cp_rank
-
     def for_rank(self, cp_rank: int) -> SequenceLayout:
         """The same batch as seen by another rank of the CP group."""
         return dataclasses.replace(self, cp_rank=cp_rank)

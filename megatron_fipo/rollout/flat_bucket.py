@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
@@ -102,15 +102,6 @@ class BucketPacker(ReusedBuffer):
         return FlatBucket(buffer, tuple(entries))
 
 
-def share(bucket: FlatBucket) -> str:
-    """A payload (base64 text) referring to ``bucket``'s buffer; one per receiving process."""
-    stream = io.BytesIO()
-    ForkingPickler(stream).dump(
-        (bucket.buffer, [(e.name, e.shape, e.offset) for e in bucket.entries])
-    )
-    return base64.b64encode(stream.getvalue()).decode()
-
-
 class _TensorOnly(pickle.Unpickler):
     """Unpickles torch's tensor / storage rebuild functions and plain containers only."""
 
@@ -120,29 +111,6 @@ class _TensorOnly(pickle.Unpickler):
         ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"a weight payload may not refer to {module}.{name}")
-
-
-def open_shared(payload: str) -> FlatBucket:
-    """The bucket a :func:`share` payload refers to (mapped, not copied)."""
-    buffer, entries = _TensorOnly(io.BytesIO(base64.b64decode(payload, validate=True))).load()
-    return FlatBucket(buffer, tuple(BucketEntry(n, tuple(s), o) for n, s, o in entries))
-
-
-def bucket_stream(
-    named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of one dtype, each at most ``bucket_bytes`` (a larger tensor alone)."""
-    group: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        num_bytes = tensor.numel() * tensor.element_size()
-        if group and (size + num_bytes > bucket_bytes or tensor.dtype != group[0][1].dtype):
-            yield group
-            group, size = [], 0
-        group.append((name, tensor))
-        size += num_bytes
-    if group:
-        yield group
 
 
 def serialize_named(named: Sequence[tuple[str, torch.Tensor]]) -> str:

@@ -88,15 +88,18 @@ def run_plan(hf: dict, batch, budget: int | None, state: dict | None):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch and model options this benchmark shares with ``tools.bench.packing``."""
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    args = parser.parse_args(argv)
-    hf = dict(
+
+
+def bench_hf_config(args: argparse.Namespace) -> dict:
+    """The small Qwen2-shaped model of these benchmarks."""
+    return dict(
         model_type="qwen2",
         vocab_size=1024,
         hidden_size=args.hidden,
@@ -108,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_batch_arguments(parser)
+    args = parser.parse_args(argv)
+    hf = bench_hf_config(args)
     batch = long_tailed_batch(args.sequences, args.max_length, hf["vocab_size"])
     real_tokens = int((batch.prompt_lengths + batch.response_lengths).sum())
     state, fixed_lp, fixed = run_plan(hf, batch, None, None)

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from tools.bench.dynamic_batching import long_tailed_batch
+from tools.bench.dynamic_batching import add_batch_arguments, bench_hf_config, long_tailed_batch
 
 
 def run_plan(hf: dict, batch, parallelism_fields: dict, state: dict | None):
@@ -84,26 +84,11 @@ def _median(measured: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=4096)
-    parser.add_argument("--budget", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    add_batch_arguments(parser)
     parser.add_argument("--skip-fixed", action="store_true", help="only padded vs packed")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    hf = dict(
-        model_type="qwen2",
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=args.max_length,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    hf = bench_hf_config(args)
     batch = long_tailed_batch(args.sequences, args.max_length, hf["vocab_size"])
     plans = {
         "padded": dict(max_tokens_per_micro_batch=args.budget, packing=False),

@@ -48,6 +48,7 @@ class BenchTrainWorker(TrainWorker):
 
 
 def driver_tcp_bytes() -> int:
+    """Bytes this process sent plus received over TCP so far (``ss``: per-socket counters)."""
     out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
     total, ours = 0, False
     for line in out.splitlines():
@@ -59,6 +60,7 @@ def driver_tcp_bytes() -> int:
 
 
 def object_store_created_bytes(ray) -> int:
+    """Bytes ever created in the Ray object store (the raylet's cumulative counter)."""
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
     state = get_state_from_address(ray.get_runtime_context().gcs_address)
